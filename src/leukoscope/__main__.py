@@ -1,0 +1,3 @@
+from leukoscope.cli.main import main
+
+raise SystemExit(main())
