@@ -13,9 +13,6 @@ from PIL import Image
 
 #: LMU single-cell crops: 400 px ≈ 29 µm.
 LMU_UM_PER_PX = 29.0 / 400.0
-#: PBC Barcelona (CellaVision DM96) crops: 360 x 363 px. CellaVision's nominal scale
-#: is close to the LMU one; taken as the LMU value unless measured.
-PBC_UM_PER_PX = LMU_UM_PER_PX
 
 
 def rescale(img: np.ndarray, factor: float) -> np.ndarray:
