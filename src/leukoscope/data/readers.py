@@ -1,0 +1,419 @@
+"""Readers that turn a labelled single-cell collection into one dataset table.
+
+Three layouts are understood:
+
+``lmu``
+    AML-Cytomorphology_LMU: ``CLASS/CLASS_NNNN.tiff`` plus ``annotations.dat``
+    (``path gold reannotation1 reannotation2``; ``nan`` = not re-annotated,
+    ``UNC`` = the examiner could not assign a class).
+``folders``
+    One sub-folder per class, the folder name being the label (or mapped to one
+    through a label map).
+``manifest``
+    A CSV file ``path,label[,patient][,source][,um_per_px][,...]``; paths are
+    relative to the manifest's folder unless absolute. A folder holding
+    ``labels.csv`` is read as that manifest. Rows with an empty label are skipped
+    and counted.
+
+Every reader returns a :class:`CellDataset` whose ``table`` has one row per
+usable image: ``path`` (absolute), ``label`` (a class of
+:data:`leukoscope.taxonomy.CLASSES`), ``patient`` (or NA), ``source``,
+``um_per_px`` (NaN when unknown). Problems are collected in ``skipped`` and
+``notes``; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from leukoscope import taxonomy
+from leukoscope.images import IMAGE_SUFFIXES, ImageError, is_image_file, load_rgb
+from leukoscope.scale import LMU_UM_PER_PX
+
+ANNOTATIONS_NAME = "annotations.dat"
+MANIFEST_NAMES = ("labels.csv", "manifest.csv")
+TABLE_COLUMNS = ["path", "label", "patient", "source", "um_per_px"]
+
+
+@dataclass
+class CellDataset:
+    """A labelled single-cell collection as one table, plus what was found wrong."""
+
+    table: pd.DataFrame
+    layout: str
+    root: Path
+    skipped: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def counts(self) -> dict[str, int]:
+        """Images per class, in taxonomy order, classes without images included as 0."""
+        vc = self.table["label"].value_counts()
+        return {c: int(vc.get(c, 0)) for c in taxonomy.CLASSES}
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Classes with at least one image, in taxonomy order."""
+        present = set(self.table["label"])
+        return tuple(c for c in taxonomy.CLASSES if c in present)
+
+    def relpaths(self) -> list[str]:
+        return [os.path.relpath(p, self.root) for p in self.table["path"]]
+
+    def fingerprint(self) -> str:
+        """SHA-256 over sorted (relative path, label, file size): identifies the training data."""
+        h = hashlib.sha256()
+        rows = sorted(zip(self.relpaths(), self.table["label"], self.table["path"]))
+        for rel, lab, full in rows:
+            try:
+                size = os.path.getsize(full)
+            except OSError:
+                size = -1
+            h.update(f"{rel}\t{lab}\t{size}\n".encode())
+        return h.hexdigest()
+
+    def summary(self) -> dict:
+        """JSON-ready description: counts, problems, notes."""
+        out = {
+            "root": str(self.root),
+            "layout": self.layout,
+            "n_images": int(len(self.table)),
+            "classes": self.counts(),
+            "skipped": list(self.skipped),
+            "notes": list(self.notes),
+        }
+        out.update(self.extra)
+        return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def read_label_map(spec: str | os.PathLike | Mapping[str, str] | None) -> dict[str, str] | None:
+    """Read a label mapping: a dict, a JSON object file, or a CSV with two columns
+    (``source_label,label``). Targets must be taxonomy classes (or empty = skip)."""
+    if spec is None:
+        return None
+    if isinstance(spec, Mapping):
+        mapping = {str(k): str(v) for k, v in spec.items()}
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"label map {path}: file not found")
+        if path.suffix.lower() == ".json":
+            mapping = {str(k): ("" if v is None else str(v)) for k, v in json.loads(path.read_text()).items()}
+        else:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            if df.shape[1] < 2:
+                raise ValueError(f"label map {path}: needs two columns (source label, LMU class)")
+            mapping = dict(zip(df.iloc[:, 0].str.strip(), df.iloc[:, 1].str.strip()))
+    bad = sorted({v for v in mapping.values() if v and not taxonomy.is_class(v)})
+    if bad:
+        raise ValueError(f"label map maps to unknown classes {bad}; expected one of {', '.join(taxonomy.CLASSES)}")
+    return mapping
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for col in TABLE_COLUMNS:
+        if col not in df:
+            df[col] = np.nan if col == "um_per_px" else pd.NA
+    df["um_per_px"] = pd.to_numeric(df["um_per_px"], errors="coerce").astype(float)
+    cols = TABLE_COLUMNS + [c for c in df.columns if c not in TABLE_COLUMNS]
+    return df[cols].sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _resolve_label(raw: str, label_map: Mapping[str, str] | None) -> str:
+    raw = (raw or "").strip()
+    if label_map is not None and raw in label_map:
+        return label_map[raw]
+    return raw
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+    """``lmu``, ``manifest`` or ``folders``; raises if the path holds none of them."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.name == ANNOTATIONS_NAME:
+            return "lmu"
+        if path.suffix.lower() == ".csv":
+            return "manifest"
+        raise ValueError(f"{path}: not a dataset (expected a folder, annotations.dat or a CSV manifest)")
+    if (path / ANNOTATIONS_NAME).exists():
+        return "lmu"
+    if any((path / n).exists() for n in MANIFEST_NAMES):
+        return "manifest"
+    if any(d.is_dir() for d in path.iterdir()):
+        return "folders"
+    raise ValueError(
+        f"{path}: no dataset found (no {ANNOTATIONS_NAME}, no labels.csv manifest, no class folders)"
+    )
+
+
+# ----------------------------------------------------------------------------- LMU
+
+
+def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
+    """Read LMU ``annotations.dat``: columns ``path, gold, reannotation1, reannotation2``.
+
+    ``nan`` marks an image that was not re-annotated and stays the string ``"nan"``;
+    ``UNC`` marks one the examiner could not assign. Malformed lines raise a
+    ``ValueError`` naming the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) == 2:
+                parts += [taxonomy.NOT_ANNOTATED, taxonomy.NOT_ANNOTATED]
+            if len(parts) != 4:
+                raise ValueError(f"{path}:{lineno}: expected 'path gold reannotation1 reannotation2', got {line.strip()!r}")
+            rows.append(parts)
+    if not rows:
+        raise ValueError(f"{path}: annotation file is empty")
+    df = pd.DataFrame(rows, columns=["path", "gold", "reannotation1", "reannotation2"])
+    bad = sorted(set(df["gold"]) - set(taxonomy.CLASSES))
+    if bad:
+        raise ValueError(f"{path}: unknown gold labels {bad}")
+    allowed = set(taxonomy.CLASSES) | {taxonomy.UNCERTAIN, taxonomy.NOT_ANNOTATED}
+    for col in ("reannotation1", "reannotation2"):
+        badr = sorted(set(df[col]) - allowed)
+        if badr:
+            raise ValueError(f"{path}: unknown labels in {col}: {badr}")
+    return df
+
+
+def read_lmu(root: str | os.PathLike, annotations: str | os.PathLike | None = None) -> CellDataset:
+    """Read the LMU layout, checking files against ``annotations.dat`` both ways."""
+    root = Path(root)
+    if root.is_file():
+        annotations, root = root, root.parent
+    ann_path = Path(annotations) if annotations else root / ANNOTATIONS_NAME
+    ann = read_annotations(ann_path)
+    on_disk = {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and is_image_file(p)
+    }
+    listed = set(ann["path"])
+    present = ann[ann["path"].isin(on_disk)]
+    absent = ann[~ann["path"].isin(on_disk)]
+    skipped, notes, rows = [], [], []
+    for rel in sorted(on_disk - listed):
+        skipped.append({"path": str(root / rel), "reason": f"image not listed in {ann_path.name}"})
+    mismatched = 0
+    for rec in present.itertuples(index=False):
+        folder = rec.path.split("/")[0]
+        if folder in taxonomy.CLASSES and folder != rec.gold:
+            mismatched += 1
+            notes.append(f"{rec.path}: folder says {folder}, annotations.dat says {rec.gold}; the annotation is used")
+        rows.append({
+            "path": str((root / rec.path).resolve()),
+            "label": rec.gold,
+            "patient": pd.NA,
+            "source": "lmu",
+            "um_per_px": LMU_UM_PER_PX,
+            "reannotation1": rec.reannotation1,
+            "reannotation2": rec.reannotation2,
+        })
+    if len(absent):
+        per_class = absent["gold"].value_counts()
+        notes.insert(0, f"{ann_path.name} lists {len(ann)} images; {len(present)} are present, "
+                        f"{len(absent)} are absent (a partial copy of the dataset?)")
+    extra = {
+        "annotations": {
+            "path": str(ann_path),
+            "n_listed": int(len(ann)),
+            "n_present": int(len(present)),
+            "n_absent": int(len(absent)),
+            "n_not_listed": int(len(on_disk - listed)),
+            "n_label_mismatch": mismatched,
+            "listed_per_class": {c: int(v) for c, v in ann["gold"].value_counts().reindex(taxonomy.CLASSES, fill_value=0).items()},
+            "absent_per_class": {c: int(per_class.get(c, 0)) for c in taxonomy.CLASSES} if len(absent) else {},
+        }
+    }
+    return CellDataset(_frame(rows), "lmu", root.resolve(), skipped, notes, extra)
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def read_folders(root: str | os.PathLike, label_map: Mapping[str, str] | None = None) -> CellDataset:
+    """One sub-folder per class; the folder name is the label (or mapped through ``label_map``)."""
+    root = Path(root)
+    skipped, notes, rows = [], [], []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p))
+        label = _resolve_label(d.name, label_map)
+        if not files:
+            notes.append(f"class folder {d.name}/ is empty: no images ({', '.join(IMAGE_SUFFIXES)})")
+            continue
+        if not label:
+            for f in files:
+                skipped.append({"path": str(f), "reason": f"folder {d.name!r} is mapped to no class"})
+            continue
+        if not taxonomy.is_class(label):
+            raise ValueError(
+                f"{d}: unknown label {d.name!r} (folder name); expected one of {', '.join(taxonomy.CLASSES)} "
+                "or give a label map (--label-map) that maps it"
+            )
+        for f in files:
+            rows.append({"path": str(f.resolve()), "label": label, "patient": pd.NA,
+                         "source": root.name, "um_per_px": np.nan})
+    if not rows:
+        raise ValueError(f"{root}: no labelled images found in its class folders")
+    return CellDataset(_frame(rows), "folders", root.resolve(), skipped, notes)
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def read_manifest(path: str | os.PathLike, label_map: Mapping[str, str] | None = None,
+                  *, check_files: bool = True) -> CellDataset:
+    """CSV ``path,label[,patient][,source][,um_per_px][,...]``; empty labels are skipped and counted."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in MANIFEST_NAMES if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no manifest ({' or '.join(MANIFEST_NAMES)})")
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: manifest not found")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("path", "label") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks column(s) {missing}; has {list(df.columns)}")
+    base = path.parent
+    skipped, notes, rows, unknown = [], [], [], {}
+    n_empty = 0
+    extra_cols = [c for c in df.columns if c not in ("path", "label", "patient", "source", "um_per_px")]
+    for i, rec in enumerate(df.to_dict("records"), start=2):
+        p = Path(rec["path"])
+        full = p if p.is_absolute() else base / p
+        label = _resolve_label(rec["label"], label_map)
+        if not label:
+            n_empty += 1  # counted, not listed: an empty label is the manifest's way to say "no class"
+            continue
+        if not taxonomy.is_class(label):
+            unknown.setdefault(label, i)
+            continue
+        if check_files and not full.exists():
+            skipped.append({"path": str(full), "reason": f"listed in {path.name} (line {i}) but file not found"})
+            continue
+        row = {"path": str(full.resolve()), "label": label,
+               "patient": rec.get("patient") or pd.NA,
+               "source": rec.get("source") or base.name,
+               "um_per_px": rec.get("um_per_px") or np.nan}
+        for c in extra_cols:
+            row[c] = rec[c]
+        rows.append(row)
+    if unknown:
+        listing = ", ".join(f"{lab!r} (line {ln})" for lab, ln in sorted(unknown.items()))
+        raise ValueError(
+            f"{path}: unknown label(s) {listing}; expected one of {', '.join(taxonomy.CLASSES)}, "
+            "an empty label to skip a row, or a label map (--label-map)"
+        )
+    if n_empty:
+        notes.append(f"{n_empty} rows with an empty label skipped (no class of the taxonomy)")
+    extra = {"manifest": str(path), "n_unlabelled": n_empty}
+    if not rows:
+        raise ValueError(f"{path}: no usable labelled images")
+    table = _frame(rows)
+    if table["path"].duplicated().any():
+        dup = table.loc[table["path"].duplicated(), "path"].iloc[0]
+        raise ValueError(f"{path}: image listed more than once, e.g. {dup}")
+    return CellDataset(table, "manifest", base.resolve(), skipped, notes, extra)
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def read_dataset(path: str | os.PathLike, label_map: str | os.PathLike | Mapping[str, str] | None = None,
+                 *, annotations: str | os.PathLike | None = None) -> CellDataset:
+    """Read any supported layout (see the module docstring) into a :class:`CellDataset`.
+
+    ``label_map`` (dict, JSON or CSV file) maps the dataset's own labels to LMU classes.
+    ``annotations`` points at an ``annotations.dat`` elsewhere (LMU layout only).
+    """
+    mapping = read_label_map(label_map)
+    layout = "lmu" if annotations else detect_layout(path)
+    if layout == "lmu":
+        return read_lmu(path, annotations)
+    if layout == "manifest":
+        return read_manifest(path, mapping)
+    return read_folders(path, mapping)
+
+
+def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
+    """Decode every image once; unusable ones move from the table to ``skipped``.
+
+    Also records what the decoder met (modes, sizes, RGBA files and how many have
+    alpha = 0 regions, which are dropped rather than composited) in ``extra['images']``.
+    """
+    from PIL import Image
+
+    keep, modes, sizes, rgba_with_transparency = [], {}, {}, 0
+    paths = list(ds.table["path"])
+    iterator = paths
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(paths, desc="checking images", unit="img")
+    for p in iterator:
+        try:
+            img = load_rgb(p)
+            with Image.open(p) as im:
+                mode = im.mode
+                if mode in ("RGBA", "LA"):
+                    alpha = np.asarray(im.getchannel("A"))
+                    rgba_with_transparency += int((alpha == 0).any())
+        except ImageError as exc:
+            ds.skipped.append({"path": exc.path, "reason": exc.reason})
+            keep.append(False)
+            continue
+        modes[mode] = modes.get(mode, 0) + 1
+        key = f"{img.shape[1]}x{img.shape[0]}"
+        sizes[key] = sizes.get(key, 0) + 1
+        keep.append(True)
+    ds.table = ds.table[np.array(keep, dtype=bool)].reset_index(drop=True)
+    ds.extra["images"] = {
+        "modes": modes,
+        "sizes": dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
+        "rgba_with_transparent_pixels": rgba_with_transparency,
+    }
+    if modes.get("RGBA"):
+        ds.notes.append(
+            f"{modes['RGBA']} RGBA images: alpha dropped, RGB kept as stored (never composited onto black); "
+            f"{rgba_with_transparency} of them have alpha = 0 regions"
+        )
+    return ds
+
+
+def iter_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image paths."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)))
+        else:
+            out.append(p)
+    return out
