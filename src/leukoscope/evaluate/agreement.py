@@ -34,8 +34,11 @@ def binary_sens_spec(gold, called, question: str) -> dict:
     """Sensitivity and specificity of hard calls for a binary question (NaN when undefined)."""
     truth = taxonomy.binary_truth(gold, question)
     pred = taxonomy.binary_truth(called, question)
-    cm = confusion_matrix(truth, pred, labels=[False, True])
-    tn, fp, fn, tp = (int(x) for x in cm.ravel())
+    if len(truth) == 0:
+        tn = fp = fn = tp = 0
+    else:
+        cm = confusion_matrix(truth, pred, labels=[False, True])
+        tn, fp, fn, tp = (int(x) for x in cm.ravel())
     return {
         "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
         "specificity": tn / (tn + fp) if tn + fp else float("nan"),
