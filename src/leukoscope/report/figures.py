@@ -1,0 +1,211 @@
+"""The report's figures, drawn with Matplotlib's Agg canvas and returned as PNG bytes.
+
+Each function takes the plain results of :mod:`leukoscope.evaluate` and returns PNG
+bytes (no pyplot, no global state: safe in threads and on machines without a display).
+
+* :func:`confusion_png`: the row-normalised confusion matrix with the number of
+  images per gold class on a log scale in a strip at the right (as Fig. 3a of the paper);
+* :func:`roc_png`: the mean ROC over folds with a +-1 sd band, the examiners'
+  points ('x', '+') and the model's own hard-call point; a text panel when undefined;
+* :func:`reliability_png`: the reliability diagram with the image count per bin;
+* :func:`saliency_png`: an input image beside its saliency map.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 110
+EXAMINER_MARKERS = ("x", "+")
+EXAMINER_COLOURS = ("#c0392b", "#8e44ad")
+MODEL_COLOUR = "#1f5fa8"
+
+
+def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
+    """Render a Matplotlib figure to PNG bytes with the Agg canvas."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": "leukoscope"})
+    return buf.getvalue()
+
+
+def _text_panel(ax, title: str, text: str) -> None:
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(text, 44)), ha="center", va="center", fontsize=11,
+            transform=ax.transAxes, bbox={"boxstyle": "round,pad=0.8", "fc": "#fff7e6", "ec": "#e0a030"})
+
+
+def _fmt(x, nd=2) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def confusion_png(classes, fractions, n_images, title: str = "Confusion matrix (rows: gold label)") -> bytes:
+    """Row-normalised confusion matrix beside a log-scale bar strip of images per gold class.
+
+    ``fractions``: (K, K) with rows summing to 1 (``NaN`` rows for classes without images);
+    ``n_images``: (K,) images per gold class.
+    """
+    classes = list(classes)
+    k = len(classes)
+    frac = np.asarray(fractions, dtype=np.float64)
+    n = np.asarray(n_images, dtype=np.float64)
+    # explicit layout in inches, so that the strip's bars sit exactly beside the matrix rows
+    cell = 0.42 if k > 6 else 0.7
+    left, mat, gap, strip_w, right = 0.9, k * cell, 0.12, 1.9, 0.35
+    top, bottom_ticks, cbar_h, bottom = 0.45, 0.95, 0.14, 0.5
+    width = left + mat + gap + strip_w + right
+    height = top + mat + bottom_ticks + cbar_h + bottom
+    fig = Figure(figsize=(width, height))
+
+    def box(x, y, w, h):  # inches from the bottom-left corner -> figure fraction
+        return [x / width, y / height, w / width, h / height]
+
+    y0 = bottom + cbar_h + bottom_ticks
+    ax = fig.add_axes(box(left, y0, mat, mat))
+    strip = fig.add_axes(box(left + mat + gap, y0, strip_w, mat), sharey=ax)
+    cax = fig.add_axes(box(left, bottom, mat, cbar_h))
+    masked = np.ma.masked_invalid(frac)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#eeeeee")
+    im = ax.imshow(masked, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+    fs = 9 if k <= 10 else 7.5
+    for i in range(k):
+        for j in range(k):
+            v = frac[i, j]
+            if np.isfinite(v) and v >= 0.005:
+                ax.text(j, i, "1" if v >= 0.995 else f"{v:.2f}".lstrip("0"), ha="center", va="center",
+                        fontsize=fs, color="white" if v > 0.55 else "#1a1a1a")
+    ax.set_xticks(range(k), classes, rotation=90)
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("gold label")
+    ax.set_title(title, loc="left")
+    cbar = fig.colorbar(im, cax=cax, orientation="horizontal")
+    cbar.set_label("fraction of the gold class's images", fontsize=8)
+    cbar.ax.tick_params(labelsize=7)
+    pos = n > 0
+    strip.barh(np.arange(k)[pos], n[pos], color="#7f8c8d", height=0.7)
+    strip.set_xscale("log")
+    lo = max(0.5, n[pos].min() / 2) if pos.any() else 0.5
+    hi = n.max() * 12 if pos.any() else 10
+    strip.set_xlim(lo, hi)
+    for i in range(k):
+        strip.text(n[i] * 1.15 if n[i] > 0 else lo * 1.1, i, f"{int(n[i])}", va="center", fontsize=fs)
+    strip.tick_params(axis="y", left=False, labelleft=False)
+    strip.set_xlabel("images (log)")
+    strip.spines[["top", "right"]].set_visible(False)
+    strip.set_ylim(k - 0.5, -0.5)
+    return figure_png(fig)
+
+
+def roc_png(result: dict, title: str, examiners: list[dict] | None = None) -> bytes:
+    """ROC of one binary question over folds (:func:`leukoscope.evaluate.binary.binary_roc_over_folds`).
+
+    ``examiners``: ``[{"label", "fpr", "tpr"}]`` drawn as 'x' and '+' (the paper's markers).
+    """
+    fig = Figure(figsize=(6.2, 6.0))
+    ax = fig.add_subplot(1, 1, 1)
+    if result.get("undefined_reason"):
+        _text_panel(ax, title, f"ROC not defined: {result['undefined_reason']}. "
+                    f"({result['n_pos']} positive, {result['n_neg']} negative images.)")
+        return figure_png(fig)
+    grid = np.asarray(result["fpr_grid"])
+    mean = np.asarray(result["tpr_mean"])
+    sd = np.asarray(result["tpr_sd"])
+    nf = result["n_folds_defined"]
+
+    def draw(a, legend: bool):
+        for f in result["folds"]:
+            if "fpr" in f:
+                a.plot(f["fpr"], f["tpr"], color=MODEL_COLOUR, alpha=0.18, lw=0.8,
+                       label="single folds" if legend and f is next(x for x in result["folds"] if "fpr" in x) else None)
+        if nf > 1:
+            a.fill_between(grid, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=MODEL_COLOUR,
+                           alpha=0.18, lw=0, label="±1 sd over folds" if legend else None)
+        auc = (f"AUC = {result['auc_mean']:.3f} ± {result['auc_sd']:.3f}" if nf > 1
+               else f"AUC = {result['auc_mean']:.3f}")
+        a.plot(grid, mean, color=MODEL_COLOUR, lw=2,
+               label=f"model, mean of {nf} fold{'s' if nf != 1 else ''} ({auc})" if legend else None)
+        mp = result.get("model_point") or {}
+        if np.isfinite(mp.get("sensitivity", np.nan)) and np.isfinite(mp.get("specificity", np.nan)):
+            a.plot(1 - mp["specificity"], mp["sensitivity"], "o", mfc="none", mec=MODEL_COLOUR, ms=8, mew=1.5,
+                   label="model's class call" if legend else None)
+        for i, e in enumerate(examiners or []):
+            if np.isfinite(e["fpr"]) and np.isfinite(e["tpr"]):
+                a.plot(e["fpr"], e["tpr"], EXAMINER_MARKERS[i % 2], color=EXAMINER_COLOURS[i % 2], ms=10, mew=2,
+                       label=e["label"] if legend else None)
+
+    draw(ax, True)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("1 − specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_title(title)
+    ax.set_aspect("equal")
+    ins = ax.inset_axes([0.40, 0.36, 0.56, 0.36])
+    draw(ins, False)
+    ins.set_xlim(0, 0.2)
+    ins.set_ylim(0.8, 1.0)
+    ins.set_xticks([0, 0.05, 0.1, 0.15, 0.2])
+    ins.set_yticks([0.8, 0.85, 0.9, 0.95, 1.0])
+    ins.tick_params(labelsize=7)
+    ins.set_title("zoom", fontsize=8, pad=2)
+    ax.indicate_inset_zoom(ins, edgecolor="grey")
+    ax.legend(loc="lower right", fontsize=7.5, framealpha=0.95)
+    return figure_png(fig)
+
+
+def reliability_png(cal: dict, title: str = "Reliability of the top-class probability") -> bytes:
+    """Reliability diagram of :func:`leukoscope.evaluate.calibration.expected_calibration_error`."""
+    bins = cal["bins"]
+    lo = np.array([b["lo"] for b in bins])
+    hi = np.array([b["hi"] for b in bins])
+    acc = np.array([b["accuracy"] for b in bins])
+    conf = np.array([b["confidence"] for b in bins])
+    n = np.array([b["n"] for b in bins])
+    fig = Figure(figsize=(6.0, 6.4))
+    gs = fig.add_gridspec(2, 1, height_ratios=[3, 1], hspace=0.08)
+    ax = fig.add_subplot(gs[0])
+    hist = fig.add_subplot(gs[1], sharex=ax)
+    width = hi - lo
+    ok = n > 0
+    ax.bar(lo[ok], acc[ok], width=width[ok], align="edge", color="#5b8fd1", edgecolor="white", label="accuracy")
+    ax.bar(lo[ok], conf[ok] - acc[ok], bottom=acc[ok], width=width[ok], align="edge", color="none",
+           edgecolor="#c0392b", hatch="//", lw=0.8, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE = {cal['ece']:.3f}, {cal['n_bins']} bins, n = {cal['n']}")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.tick_params(labelbottom=False)
+    hist.bar(lo[ok], n[ok], width=width[ok], align="edge", color="#95a5a6", edgecolor="white")
+    hist.set_yscale("log")
+    hist.set_ylabel("images")
+    hist.set_xlabel("confidence (probability of the predicted class)")
+    return figure_png(fig)
+
+
+def saliency_png(image, saliency, title: str) -> bytes:
+    """An input image (H, W, 3 in [0, 1]) beside its saliency map (H, W)."""
+    fig = Figure(figsize=(5.2, 2.9))
+    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    a.imshow(np.asarray(image))
+    a.set_title("input", fontsize=8)
+    sal = np.asarray(saliency, dtype=np.float64)
+    top = np.percentile(sal, 99.5) if sal.size and sal.max() > 0 else 1.0
+    b.imshow(np.clip(sal / (top or 1.0), 0, 1), cmap="inferno", vmin=0, vmax=1)
+    b.set_title("saliency |∂score/∂pixel|", fontsize=8)
+    for x in (a, b):
+        x.set_xticks([])
+        x.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    return figure_png(fig, dpi=90)
