@@ -93,9 +93,15 @@ def confusion_png(classes, fractions, n_images, title: str = "Confusion matrix (
     pos = n > 0
     strip.barh(np.arange(k)[pos], n[pos], color="#7f8c8d", height=0.7)
     strip.set_xscale("log")
-    lo = max(0.5, n[pos].min() / 2) if pos.any() else 0.5
-    hi = n.max() * 12 if pos.any() else 10
+    # whole decades, at least two, so that only 10^k ticks are labelled whatever the counts
+    lo = 10.0 ** np.floor(np.log10(max(0.5, n[pos].min() / 2))) if pos.any() else 1.0
+    hi = 10.0 ** np.ceil(np.log10(n.max() * 8)) if pos.any() else 100.0
+    hi = max(hi, lo * 100)
     strip.set_xlim(lo, hi)
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    strip.xaxis.set_major_locator(LogLocator(base=10, numticks=12))
+    strip.xaxis.set_minor_formatter(NullFormatter())
     for i in range(k):
         strip.text(n[i] * 1.15 if n[i] > 0 else lo * 1.1, i, f"{int(n[i])}", va="center", fontsize=fs)
     strip.tick_params(axis="y", left=False, labelleft=False)
@@ -150,6 +156,11 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None) -> by
     ax.set_ylabel("sensitivity (true-positive rate)")
     ax.set_title(title)
     ax.set_aspect("equal")
+    # the paper's zoom on the top-left corner, where a useful curve and the examiners lie; left out when the
+    # curve does not reach that corner (the inset would hide it)
+    if np.interp(0.2, grid, mean) < 0.8:
+        ax.legend(loc="lower right", fontsize=7.5, framealpha=0.95)
+        return figure_png(fig)
     ins = ax.inset_axes([0.40, 0.36, 0.56, 0.36])
     draw(ins, False)
     ins.set_xlim(0, 0.2)
