@@ -128,7 +128,7 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None) -> by
     nf = result["n_folds_defined"]
 
     def draw(a, legend: bool):
-        for f in result["folds"]:
+        for f in result["folds"] if nf > 1 else []:
             if "fpr" in f:
                 a.plot(f["fpr"], f["tpr"], color=MODEL_COLOUR, alpha=0.18, lw=0.8,
                        label="single folds" if legend and f is next(x for x in result["folds"] if "fpr" in x) else None)
@@ -138,7 +138,7 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None) -> by
         auc = (f"AUC = {result['auc_mean']:.3f} ± {result['auc_sd']:.3f}" if nf > 1
                else f"AUC = {result['auc_mean']:.3f}")
         a.plot(grid, mean, color=MODEL_COLOUR, lw=2,
-               label=f"model, mean of {nf} fold{'s' if nf != 1 else ''} ({auc})" if legend else None)
+               label=(f"model, mean of {nf} folds ({auc})" if nf > 1 else f"model ({auc})") if legend else None)
         mp = result.get("model_point") or {}
         if np.isfinite(mp.get("sensitivity", np.nan)) and np.isfinite(mp.get("specificity", np.nan)):
             a.plot(1 - mp["specificity"], mp["sensitivity"], "o", mfc="none", mec=MODEL_COLOUR, ms=8, mew=1.5,
