@@ -108,6 +108,10 @@ def test_validation_messages():
         metrics.validate_predictions(bad)
     with pytest.raises(ValueError, match="not among the model's classes"):
         metrics.validate_predictions(HAND.drop(columns="prob_MON"))
+    blank = HAND.astype({"prob_MON": object})
+    blank.loc[3, "prob_MON"] = ""
+    with pytest.raises(ValueError, match="1 rows hold missing"):
+        metrics.validate_predictions(blank)
     no_fold = frame([(0, "LYT", "LYT"), (0, "NGS", "NGS")], fold_col=False)
     assert (metrics.validate_predictions(no_fold)["fold"] == 0).all()
 

@@ -102,9 +102,13 @@ def validate_predictions(pred_df: pd.DataFrame, source: str = "predictions") -> 
     badp = sorted(set(df["pred"]) - set(classes))
     if badp:
         raise ValueError(f"{source}: predictions {badp} are not among the model's classes {classes}")
-    probs = df[[PROB_PREFIX + c for c in classes]].to_numpy(dtype=np.float64)
-    if not np.isfinite(probs).all():
-        raise ValueError(f"{source}: prob_ columns hold missing or non-finite values")
+    cols = [PROB_PREFIX + c for c in classes]
+    for col in cols:
+        df[col] = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
+    bad_rows = ~np.isfinite(df[cols].to_numpy(dtype=np.float64)).all(axis=1)
+    if bad_rows.any():
+        raise ValueError(f"{source}: {int(bad_rows.sum())} rows hold missing or non-numeric probabilities "
+                         f"(first: {df.loc[bad_rows, 'path'].iloc[0]})")
     return df
 
 
