@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+#: Field of view of an LMU single-cell crop, in µm.
+LMU_FIELD_UM = 29.0
 #: LMU single-cell crops: 400 px ≈ 29 µm.
-LMU_UM_PER_PX = 29.0 / 400.0
+LMU_UM_PER_PX = LMU_FIELD_UM / 400.0
 
 
 def rescale(img: np.ndarray, factor: float) -> np.ndarray:

@@ -220,17 +220,25 @@ def read_lmu(root: str | os.PathLike, annotations: str | os.PathLike | None = No
     for rel in sorted(on_disk - listed):
         skipped.append({"path": str(root / rel), "reason": f"image not listed in {ann_path.name}"})
     mismatched = 0
+    from leukoscope.images import image_size
+    from leukoscope.scale import LMU_FIELD_UM
+
     for rec in present.itertuples(index=False):
         folder = rec.path.split("/")[0]
         if folder in taxonomy.CLASSES and folder != rec.gold:
             mismatched += 1
             notes.append(f"{rec.path}: folder says {folder}, annotations.dat says {rec.gold}; the annotation is used")
+        full = root / rec.path
+        try:  # LMU crops cover ~29 µm whatever their pixel size (400 px in the real dataset)
+            um_per_px = LMU_FIELD_UM / image_size(full)[0]
+        except ImageError:
+            um_per_px = LMU_UM_PER_PX  # unreadable header: check_images reports the file
         rows.append({
-            "path": str((root / rec.path).resolve()),
+            "path": str(full.resolve()),
             "label": rec.gold,
             "patient": pd.NA,
             "source": "lmu",
-            "um_per_px": LMU_UM_PER_PX,
+            "um_per_px": um_per_px,
             "reannotation1": rec.reannotation1,
             "reannotation2": rec.reannotation2,
         })
