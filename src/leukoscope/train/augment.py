@@ -1,0 +1,98 @@
+"""Batched augmentation as tensor ops (Matek et al. 2019: any rotation, flips).
+
+Rotation by an angle drawn uniformly from [0, 360) is done for the whole batch
+with ``affine_grid``/``grid_sample``; the corners a rotation uncovers are filled by
+**reflection** of the image's own background, never with black. Horizontal and
+vertical flips are folded into the same affine map. Optional brightness/contrast
+jitter and HED stain jitter (:func:`leukoscope.stain.hed_jitter`, when that module
+is installed) follow. Everything draws from one ``torch.Generator``, so a seed
+gives the same batch.
+
+>>> import torch
+>>> x = torch.full((2, 32, 32, 3), 200, dtype=torch.uint8)
+>>> y = augment_batch(x, torch.Generator().manual_seed(0))
+>>> tuple(y.shape), float(y.min()) > 0.7
+((2, 3, 32, 32), True)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotate: bool = True
+    flip: bool = True
+    brightness: float = 0.0   # factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.0     # factor drawn from [1 - c, 1 + c] around the image mean
+    stain_jitter: float = 0.0  # sigma (and bias) of HED jitter; 0 = off
+
+
+def to_float_nchw(x: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC (or NCHW) -> float32 NCHW in [0, 1]."""
+    if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def random_affine(n: int, generator: torch.Generator, rotate: bool = True, flip: bool = True) -> torch.Tensor:
+    """``(n, 2, 3)`` affine maps: a rotation by U[0, 360) degrees composed with random h/v flips."""
+    if rotate:
+        ang = torch.rand(n, generator=generator) * (2 * math.pi)
+    else:
+        ang = torch.zeros(n)
+    if flip:
+        fx = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        fy = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    else:
+        fx = fy = torch.ones(n)
+    c, s = torch.cos(ang), torch.sin(ang)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = c * fx, -s * fy
+    theta[:, 1, 0], theta[:, 1, 1] = s * fx, c * fy
+    return theta
+
+
+def rotate_flip(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Apply affine maps ``theta`` to float NCHW ``x``; uncovered corners reflect the image."""
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _stain_fn():
+    try:
+        from leukoscope.stain import hed_jitter
+    except ImportError:
+        return None
+    return hed_jitter
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, config: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+    """Augment a uint8 NHWC (or NCHW) batch; returns float NCHW in [0, 1] on ``x``'s device."""
+    x = to_float_nchw(x)
+    n = x.shape[0]
+    if config.rotate or config.flip:
+        x = rotate_flip(x, random_affine(n, generator, config.rotate, config.flip))
+    if config.brightness > 0:
+        b = 1 + (torch.rand(n, generator=generator) * 2 - 1) * config.brightness
+        x = x * b.to(x.device).view(n, 1, 1, 1)
+    if config.contrast > 0:
+        c = 1 + (torch.rand(n, generator=generator) * 2 - 1) * config.contrast
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * c.to(x.device).view(n, 1, 1, 1) + mean
+    if config.brightness > 0 or config.contrast > 0:
+        x = x.clamp_(0, 1)
+    if config.stain_jitter > 0:
+        fn = _stain_fn()
+        if fn is None:
+            warnings.warn("--stain-jitter asked for, but leukoscope.stain is not installed; skipped",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            x = fn(x, generator, sigma=config.stain_jitter, bias=config.stain_jitter).clamp(0, 1)
+    return x

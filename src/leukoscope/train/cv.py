@@ -1,0 +1,216 @@
+"""K-fold cross-validation: one model per fold, out-of-fold predictions for every image.
+
+>>> from leukoscope.data import read_dataset
+>>> from leukoscope.train import preset
+>>> from leukoscope.train.cv import cross_validate
+>>> res = cross_validate(read_dataset("../shared/data/pbc"), "runs/pbc_cv_fast", preset("fast"))  # doctest: +SKIP
+>>> res.summary["balanced_accuracy"]                                                               # doctest: +SKIP
+
+Writes into ``out``: ``split.csv``, ``config.json`` (effective config, data
+fingerprint, folds, classes), ``fold{K}/`` (a training run each, plus
+``test_predictions.csv``), ``predictions.csv`` (``path,label,fold,pred,prob_<CLASS>...``,
+one row per image, from the fold where it was tested) and ``cv_summary.json``.
+A fold whose model and test predictions exist is not retrained; an interrupted fold resumes
+from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from leukoscope import taxonomy
+from leukoscope.io import atomic_write_csv, atomic_write_json
+from leukoscope.train.loop import TrainConfig, table_fingerprint, train
+
+
+class SmallClassWarning(UserWarning):
+    """A class had too few images for the folds and was left out of cross-validation."""
+
+
+@dataclass
+class CVResult:
+    out: Path
+    predictions: pd.DataFrame
+    split: pd.DataFrame
+    summary: dict
+
+
+def prediction_frame(paths, probs: np.ndarray, classes, labels=None, folds=None) -> pd.DataFrame:
+    """``path[,label][,fold],pred,prob_<CLASS>...`` with classes in taxonomy order."""
+    probs = np.asarray(probs, dtype=np.float64)
+    df = pd.DataFrame({"path": [str(p) for p in paths]})
+    if labels is not None:
+        df["label"] = list(labels)
+    if folds is not None:
+        df["fold"] = np.asarray(folds, dtype=int)
+    df["pred"] = np.array(classes, dtype=object)[probs.argmax(1)] if len(df) else []
+    for j, c in enumerate(classes):
+        df[f"prob_{c}"] = probs[:, j] if len(df) else []
+    return df
+
+
+def _align_split(split: pd.DataFrame, table: pd.DataFrame, split_path: str | None) -> pd.DataFrame:
+    """Match split rows to table paths (absolute, or relative to the split file's folder)."""
+    known = set(table["path"].astype(str))
+    sp = split.copy()
+    sp["path"] = sp["path"].astype(str)
+    if not sp["path"].isin(known).any() and split_path:
+        base = Path(split_path).resolve().parent
+        sp["path"] = [str((base / p).resolve()) if not os.path.isabs(p) else p for p in sp["path"]]
+    missing = ~sp["path"].isin(known)
+    if missing.all():
+        raise ValueError("the split lists none of the dataset's images; was it made for another dataset?")
+    if missing.any():
+        warnings.warn(f"{int(missing.sum())} images of the split are not in the dataset and are ignored, "
+                      f"e.g. {sp.loc[missing, 'path'].iloc[0]}", RuntimeWarning, stacklevel=3)
+    unsplit = len(known - set(sp["path"]))
+    if unsplit:
+        warnings.warn(f"{unsplit} images of the dataset are not in the split and are not used",
+                      RuntimeWarning, stacklevel=3)
+    return sp[~missing].reset_index(drop=True)
+
+
+def drop_small_classes(table: pd.DataFrame, folds: int, min_images: int | None = None,
+                       log: Callable[[str], None] = print) -> tuple[pd.DataFrame, dict]:
+    """Leave out classes with fewer than ``min_images`` (default: ``folds``) images, saying so."""
+    need = folds if min_images is None else min_images
+    counts = table["label"].value_counts()
+    small = {c: int(n) for c, n in counts.items() if n < need}
+    if small:
+        msg = ("classes with too few images for %d folds are left out of cross-validation: %s "
+               "(each needs at least %d images so that every fold trains and tests on it)"
+               % (folds, ", ".join(f"{c} ({n})" for c, n in sorted(small.items())), need))
+        warnings.warn(msg, SmallClassWarning, stacklevel=2)
+        log("warning: " + msg)
+        table = table[~table["label"].isin(small)].reset_index(drop=True)
+    if table["label"].nunique() < 2:
+        raise ValueError("cross-validation needs at least two classes with enough images")
+    return table, small
+
+
+def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = None, *, folds: int = 5,
+                   split: pd.DataFrame | str | os.PathLike | None = None, seed: int | None = None,
+                   progress: bool = True, log: Callable[[str], None] = print) -> CVResult:
+    """Train one model per fold and predict each image from the fold where it is tested.
+
+    ``data`` is a :class:`~leukoscope.data.CellDataset` or its table. ``split`` is a split
+    table or CSV (``path,label,fold``); without one, ``out/split.csv`` is reused when it
+    exists, else a stratified (patient-wise when patients are known) split is made with
+    :func:`leukoscope.data.splits.make_split` and ``seed`` (default: the config's seed).
+    """
+    from leukoscope.data.splits import make_split, read_split, write_split
+    from leukoscope.models.bundle import load_bundle
+    from leukoscope.train.cache import build_cache
+
+    cfg = (config or TrainConfig()).resolved()
+    seed = cfg.seed if seed is None else seed
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = data.table if hasattr(data, "table") else data
+    table = table.reset_index(drop=True).copy()
+    table["path"] = table["path"].astype(str)
+    t_start = time.time()
+
+    # ---- the split: given, reused, or made
+    split_file = out / "split.csv"
+    if split is not None:
+        sp = read_split(split) if isinstance(split, (str, os.PathLike)) else split
+        sp = _align_split(sp, table, str(split) if isinstance(split, (str, os.PathLike)) else None)
+        source = f"given ({split})" if isinstance(split, (str, os.PathLike)) else "given"
+    elif split_file.exists():
+        sp = _align_split(read_split(split_file), table, str(split_file))
+        source = f"reused {split_file}"
+    else:
+        table, _ = drop_small_classes(table, folds, log=log)
+        sp = make_split(table, folds=folds, seed=seed)
+        source = f"made (stratified {folds}-fold, seed {seed})"
+    table = table[table["path"].isin(set(sp["path"]))].reset_index(drop=True)
+    table = table.merge(sp[["path", "fold"]], on="path", how="inner")
+    fold_ids = sorted(sp["fold"].unique().tolist())
+    if len(fold_ids) < 2:
+        raise ValueError(f"the split has {len(fold_ids)} fold(s); cross-validation needs at least 2")
+    table, dropped = drop_small_classes(table, len(fold_ids), log=log)
+    sp = sp[sp["path"].isin(set(table["path"]))].reset_index(drop=True)
+    write_split(sp, split_file)
+    classes = tuple(c for c in taxonomy.CLASSES if c in set(table["label"]))
+    fingerprint = table_fingerprint(table)
+    atomic_write_json({**cfg.to_dict(), "folds": len(fold_ids), "split": source, "classes": list(classes),
+                       "dropped_classes": dropped, "data_fingerprint": fingerprint,
+                       "n_images": int(len(table))}, out / "config.json")
+    log(f"cross-validation: {len(table)} images, {len(classes)} classes, {len(fold_ids)} folds; split {source}")
+
+    # ---- images decoded once for all folds
+    has_scale = "um_per_px" in table and table["um_per_px"].notna().any()
+    model_um = cfg.um_per_px if has_scale else None
+    cache = None
+    fold_tables = []
+    for k in fold_ids:
+        fold_dir = out / f"fold{k}"
+        pred_file = fold_dir / "test_predictions.csv"
+        if pred_file.exists() and (fold_dir / "model.safetensors").exists():
+            log(f"fold {k}: finished earlier; kept")
+            fold_tables.append(pd.read_csv(pred_file))
+            continue
+        if cache is None:
+            t0 = time.time()
+            cache = build_cache(table, cfg.input_size, model_um, workers=cfg.workers, progress=progress)
+            log(f"decoded {len(cache)} images at {cfg.input_size}px in {time.time() - t0:.1f}s"
+                + (f"; {len(cache.errors)} unreadable, skipped" if cache.errors else ""))
+            for e in cache.errors[:10]:
+                log(f"  skipped {e['path']}: {e['reason']}")
+        log(f"fold {k}: training on folds != {k}")
+        t0 = time.time()
+        res = train(table[table["fold"] != k], fold_dir, cfg, cache=cache, progress=progress, log=log)
+        test = table[(table["fold"] == k) & table["path"].isin(set(cache.paths))]
+        bundle = load_bundle(res.bundle_path)
+        import torch
+
+        probs = bundle.predict_proba(cache.images[torch.as_tensor(cache.rows(test["path"]))],
+                                     batch_size=max(64, cfg.batch_size))
+        df = prediction_frame(test["path"], probs, bundle.classes, labels=test["label"], folds=test["fold"])
+        atomic_write_csv(df, pred_file)
+        acc = (df["pred"] == df["label"]).mean() if len(df) else float("nan")
+        log(f"fold {k}: {len(df)} test images, accuracy {acc:.4f} ({time.time() - t0:.0f}s)")
+        fold_tables.append(df)
+
+    # ---- one table: every image once, classes of the models in taxonomy order
+    preds = pd.concat(fold_tables, ignore_index=True)
+    prob_cols = [f"prob_{c}" for c in taxonomy.CLASSES if f"prob_{c}" in preds]
+    preds[prob_cols] = preds[prob_cols].fillna(0.0)
+    preds = preds[["path", "label", "fold", "pred"] + prob_cols]
+    if preds["path"].duplicated().any():
+        raise RuntimeError(f"an image was predicted by more than one fold: {preds.loc[preds['path'].duplicated(), 'path'].iloc[0]}")
+    order = {p: i for i, p in enumerate(sp["path"])}
+    preds = preds.iloc[np.argsort([order.get(p, len(order)) for p in preds["path"]], kind="stable")].reset_index(drop=True)
+    atomic_write_csv(preds, out / "predictions.csv")
+    summary = summarize(preds)
+    summary.update({"wall_seconds_this_call": time.time() - t_start, "folds": len(fold_ids),
+                    "skipped": list(cache.errors) if cache is not None else []})
+    atomic_write_json(summary, out / "cv_summary.json")
+    log(f"wrote {out / 'predictions.csv'}: {len(preds)} images; balanced accuracy "
+        f"{summary['balanced_accuracy']:.4f}, macro-F1 {summary['macro_f1']:.4f}")
+    return CVResult(out, preds, sp, summary)
+
+
+def summarize(preds: pd.DataFrame) -> dict:
+    """Out-of-fold balanced accuracy, macro-F1 and accuracy, overall and per fold."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    def m(d):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {"n": int(len(d)), "accuracy": float((d["pred"] == d["label"]).mean()),
+                    "balanced_accuracy": float(balanced_accuracy_score(d["label"], d["pred"])),
+                    "macro_f1": float(f1_score(d["label"], d["pred"], average="macro", zero_division=0))}
+
+    out = m(preds)
+    out["per_fold"] = {int(k): m(d) for k, d in preds.groupby("fold")}
+    return out

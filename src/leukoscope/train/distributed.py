@@ -1,0 +1,63 @@
+"""Multi-GPU (or multi-process CPU) training via ``torchrun``: detected from RANK/WORLD_SIZE.
+
+>>> info = dist_info({})
+>>> (info.rank, info.world_size, info.is_main)
+(0, 1, True)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info(env=None) -> DistInfo:
+    env = os.environ if env is None else env
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(info: DistInfo | None = None, backend: str | None = None) -> DistInfo:
+    """Initialise the process group when ``WORLD_SIZE`` > 1 (nccl with CUDA, else gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    info = info or dist_info()
+    if info.enabled and not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def pick_device(info: DistInfo, device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{info.local_rank}"
+    return "cpu"

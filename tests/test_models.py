@@ -1,0 +1,123 @@
+"""Model registry, the one preprocessing path, bundles (save/load/reject), ONNX export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from leukoscope import INTENDED_USE
+from leukoscope.models import (
+    NotABundleError, create_model, get_config, list_models, load_bundle, prepare_image, read_meta, save_bundle,
+)
+from leukoscope.models.bundle import make_meta
+from leukoscope.scale import LMU_UM_PER_PX
+
+SMALL = {"widths": [4, 8], "hidden": 8, "dropout": 0.0}
+
+
+def _bundle(tmp_path, classes=("LYT", "MOB", "MYO", "NGS"), um=0.29):
+    torch.manual_seed(0)
+    model = create_model("plain_cnn", num_classes=len(classes), **SMALL).eval()
+    meta = make_meta(classes=classes, model="plain_cnn", input_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+                     um_per_px=um, temperature=1.7, config={"model_kwargs": SMALL, "epochs": 1},
+                     fingerprint="abc", metrics={"val_balanced_accuracy": 0.5})
+    path = save_bundle(model, meta, tmp_path / "model.safetensors")
+    return model, meta, path
+
+
+def test_registry_has_the_paper_models_and_fast_candidates():
+    names = list_models()
+    for n in ("resnext50_32x4d", "plain_cnn", "resnet18", "mobilenet_v3_small"):
+        assert n in names
+    cfg = get_config("resnext50_32x4d")
+    assert (cfg.input_size, cfg.num_classes) == (400, 15)
+    assert cfg.um_per_px == pytest.approx(LMU_UM_PER_PX)
+    assert get_config("resnext50_32x4d", input_size=200).um_per_px == pytest.approx(2 * LMU_UM_PER_PX)
+    with pytest.raises(ValueError, match="known models: .*plain_cnn"):
+        get_config("vgg_9000")
+
+
+def test_resnext_is_cardinality_32_from_scratch():
+    m = create_model("resnext50_32x4d")
+    assert m.layer1[0].conv2.groups == 32 and m.fc.out_features == 15
+
+
+@pytest.mark.parametrize("name", ["plain_cnn", "resnet18", "mobilenet_v3_small", "mobilenet_v3_large",
+                                  "efficientnet_b0"])
+def test_models_build_and_run(name):
+    m = create_model(name, num_classes=3).eval()
+    with torch.inference_mode():
+        assert m(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+
+
+def test_prepare_image_uses_physical_scale_when_known_and_resizes_otherwise():
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[40:60, 50:70] = 255
+    assert prepare_image(img, 64).shape == (64, 64, 3)
+    # 1 µm/px image into a 0.5 µm/px model: twice as large, centre-cropped: the 20 px square becomes 40 px
+    out = prepare_image(img, 64, model_um_per_px=0.5, image_um_per_px=1.0)
+    assert out.shape == (64, 64, 3)
+    assert 1400 <= (out[..., 0] > 127).sum() <= 1800
+    # a smaller field is reflect-padded, never black
+    bg = np.full((40, 40, 3), 200, np.uint8)
+    assert prepare_image(bg, 64, model_um_per_px=1.0, image_um_per_px=1.0).min() == 200
+
+
+def test_bundle_round_trip_preserves_metadata_and_predictions(tmp_path):
+    model, meta, path = _bundle(tmp_path)
+    b = load_bundle(path)
+    assert b.classes == ("LYT", "MOB", "MYO", "NGS") and b.input_size == 32 and b.um_per_px == 0.29
+    assert b.meta["temperature"] == 1.7 and b.meta["intended_use"] == INTENDED_USE
+    assert b.meta["config"]["model_kwargs"] == SMALL and b.meta["fingerprint"] == "abc"
+    assert {"torch", "leukoscope"} <= set(b.meta["versions"])
+    imgs = [np.random.default_rng(i).integers(0, 255, (40, 44, 3), dtype=np.uint8) for i in range(5)]
+    x = b.preprocess(imgs)
+    with torch.inference_mode():
+        want = torch.softmax(model(x) / 1.7, 1).numpy()
+    got = b.predict_proba(imgs, batch_size=2)
+    assert np.allclose(got, want, atol=1e-5)
+    assert np.allclose(b.predict_proba(imgs, calibrated=False).sum(1), 1)
+    # the RUN folder works as well as the file
+    assert read_meta(tmp_path)["classes"] == list(b.classes)
+
+
+def test_loading_a_file_that_is_not_a_bundle_fails_clearly(tmp_path):
+    junk = tmp_path / "weights.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(NotABundleError, match="weights.safetensors is not a LeukoScope model bundle"):
+        load_bundle(junk)
+    pickle = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    with pytest.raises(NotABundleError, match="model.pt"):
+        load_bundle(pickle)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "pt"})
+    with pytest.raises(NotABundleError, match="no 'leukoscope' metadata"):
+        load_bundle(other)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_bundle(tmp_path / "missing.safetensors")
+
+
+def test_bundle_classes_must_be_taxonomy_classes_in_order():
+    with pytest.raises(ValueError, match="taxonomy order"):
+        make_meta(classes=["NGS", "LYT"], model="plain_cnn", input_size=32, mean=(0,) * 3, std=(1,) * 3,
+                  um_per_px=None)
+    with pytest.raises(ValueError, match="unknown class"):
+        make_meta(classes=["XYZ"], model="plain_cnn", input_size=32, mean=(0,) * 3, std=(1,) * 3, um_per_px=None)
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    import onnx
+
+    from leukoscope.models.export import export_onnx
+
+    _, _, path = _bundle(tmp_path)
+    check = export_onnx(load_bundle(path), tmp_path / "m.onnx")
+    assert check["same_predictions"] and check["max_abs_diff"] < 1e-3
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["leukoscope"])["classes"] == ["LYT", "MOB", "MYO", "NGS"]

@@ -1,0 +1,97 @@
+"""Prediction CSVs and the train / cv / predict / export commands end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from leukoscope.cli.main import main
+
+TINY_ARGS = ["--model", "plain_cnn", "--input-size", "32", "--epochs", "1", "--per-class", "4", "--batch-size", "8",
+             "--workers", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    from leukoscope.synth import write_cells
+
+    return write_cells(tmp_path_factory.mktemp("cells"), per_class=5, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(cells, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", str(cells), *TINY_ARGS, "--out", str(out)]) == 0
+    return out
+
+
+def test_train_command_writes_the_run(run_dir):
+    for name in ("model.safetensors", "config.json", "log.csv", "metadata.json"):
+        assert (run_dir / name).exists()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["model"] == "plain_cnn" and cfg["input_size"] == 32 and cfg["epochs"] == 1 and cfg["per_class"] == 4
+
+
+def test_predict_csv_columns_blast_score_and_bad_images_skipped(run_dir, cells, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run_dir / "model.safetensors"), str(cells / "MYO"), str(bad),
+                 str(tmp_path / "gone.png"), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "broken.png" in printed and "gone.png" in printed
+    df = pd.read_csv(out)
+    assert df.columns.tolist() == ["path", "pred", "p_blast", "p_atypical", "prob_LYT", "prob_MOB", "prob_MYO",
+                                   "prob_NGS"]
+    assert len(df) == 5
+    assert np.allclose(df["p_blast"], df["prob_MYO"] + df["prob_MOB"])
+    assert np.allclose(df["p_atypical"], df["prob_MYO"] + df["prob_MOB"])  # LYT and NGS are not atypical
+    assert np.allclose(df.filter(like="prob_").sum(axis=1), 1)
+
+
+def test_predict_paths_matches_bundle_predict_proba(run_dir, cells):
+    from leukoscope.models import load_bundle
+    from leukoscope.predict import predict_paths
+
+    b = load_bundle(run_dir)
+    res = predict_paths(b, [cells / "LYT"], um_per_px=0.0725)
+    want = b.predict_proba(res.table["path"].tolist(), um_per_px=0.0725)
+    assert np.allclose(res.table.filter(like="prob_").to_numpy(), want)
+    assert res.errors == []
+
+
+def test_cv_command_writes_predictions_once_per_image(cells, tmp_path):
+    out = tmp_path / "cv"
+    assert main(["cv", str(cells), "--folds", "2", *TINY_ARGS, "--out", str(out)]) == 0
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 20 and preds["path"].is_unique and set(preds["fold"]) == {0, 1}
+    assert (out / "split.csv").exists() and (out / "config.json").exists()
+
+
+def test_train_on_a_split_fold(cells, tmp_path):
+    split = tmp_path / "split.csv"
+    assert main(["split", str(cells), "--folds", "5", "--out", str(split)]) == 0
+    out = tmp_path / "f0"
+    assert main(["train", str(cells), *TINY_ARGS, "--split", str(split), "--fold", "0", "--out", str(out)]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["metrics"]["n_train"] + meta["metrics"]["n_val"] == 16
+
+
+def test_export_command(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir / "model.safetensors"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").exists() and "same predictions" in capsys.readouterr().out
+
+
+def test_clear_errors(cells, tmp_path, capsys):
+    assert main(["train", str(cells), "--model", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "known models" in capsys.readouterr().err
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("hello")
+    assert main(["predict", str(junk), str(cells), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "junk.safetensors is not a LeukoScope model bundle" in capsys.readouterr().err
+    assert main(["train", "--list-models", str(cells), "--out", str(tmp_path / "y")]) == 0
+    assert "resnext50_32x4d" in capsys.readouterr().out
