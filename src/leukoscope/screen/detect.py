@@ -1,0 +1,358 @@
+"""Finding leukocytes in a smear field by colour, morphology and watershed.
+
+In a May-Grünwald-Giemsa (or Wright) smear the leukocyte nuclei are the only large
+objects that are strongly *blue-violet*; red cells are pink and have no nucleus, the
+background is pale, and platelets are small violet dots. The detector works in
+CIELAB, where "blue" is a negative ``b*``:
+
+1. Bring the field to a working scale of about :attr:`DetectParams.work_um_per_px`
+   by an *integer* block mean (so that overlapping tiles of a scan see exactly the
+   same working pixels).
+2. Measure the background (the brightest pixels) once per smear
+   (:func:`calibrate`), and call a pixel *nucleus* where it is at least
+   ``nucleus_db`` bluer than the background, *cytoplasm* where it is at least
+   ``cyto_db`` bluer and not as red as a red cell.
+3. Join the lobes of a segmented nucleus (closing by ``lobe_join_um``), drop objects
+   smaller than ``min_nucleus_um2`` (platelets), and split touching nuclei by a
+   watershed on the distance transform seeded from its h-maxima.
+4. Grow each nucleus into its cytoplasm (at most ``cyto_reach_um``, never into a
+   neighbour's) and box nucleus + cytoplasm.
+
+Every size is a physical one (µm, µm²), so the same parameters work at 0.07 and at
+0.25 µm/px. :func:`estimate_um_per_px` measures the scale of a field from its red
+cells (median diameter ≈ 7.5 µm) when a file does not say it.
+
+>>> import numpy as np
+>>> field = np.full((200, 200, 3), 235, np.uint8)
+>>> detect_leukocytes(field, um_per_px=0.1).empty
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+#: Median diameter of a normal red cell, µm (the ruler when a file gives no scale).
+RBC_DIAMETER_UM = 7.5
+#: The scales the screener accepts, µm/px: finer than this is a sub-cellular zoom,
+#: coarser makes a leukocyte a few pixels across.
+UM_PER_PX_RANGE = (0.02, 1.0)
+
+#: Columns of a detection table.
+DETECTION_COLUMNS = ["x0", "y0", "x1", "y1", "cx", "cy", "nucleus_um2", "cell_um2", "blue"]
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Detector settings, all in physical units (µm, µm²) or CIELAB units."""
+
+    work_um_per_px: float = 0.2      # analysis scale
+    nucleus_db: float = 22.0         # nucleus: b* this much below (bluer than) the background
+    cyto_db: float = 5.0             # cytoplasm: smoothed b* this much below the background
+    cyto_over_rbc: float = 5.0       # ... and this much bluer than the red cells
+    cyto_smooth_um: float = 0.8      # smoothing of the cytoplasm map (red-cell rims are thin)
+    cyto_open_um: float = 1.0        # opening of the cytoplasm mask (removes rims and wisps)
+    min_nucleus_um2: float = 15.0    # smaller violet objects are platelets
+    max_cell_um: float = 30.0        # no leukocyte is wider; also the tile overlap
+    lobe_join_um: float = 2.0        # lobes of one nucleus closer than this are one nucleus
+    split_min_um: float = 6.5        # ... whose centres are at least this far apart
+    split_h_um: float = 2.0          # touching nuclei: saddle depth of the distance map
+    cyto_reach_um: float = 5.0       # cytoplasm reaches at most this far beyond the nucleus
+    box_margin_um: float = 1.0       # added on each side of the box
+    smooth_um: float = 0.3           # Gaussian smoothing before thresholds
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StainCalibration:
+    """Background colour of a smear in CIELAB (``L*``, ``a*``, ``b*``)."""
+
+    bg_L: float
+    bg_a: float
+    bg_b: float
+    rbc_db: float = 0.0  # how much bluer than the background red cells are (75th percentile)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_um_per_px(um_per_px, what: str = "um_per_px") -> float:
+    """Return ``um_per_px`` as a float if it is a plausible smear scale, else raise ``ValueError``."""
+    try:
+        v = float(um_per_px)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number (micrometres per pixel), got {um_per_px!r}") from None
+    lo, hi = UM_PER_PX_RANGE
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{what} must be a positive number of micrometres per pixel, got {um_per_px!r}")
+    if not lo <= v <= hi:
+        cell = 12.0 / v
+        raise ValueError(
+            f"{what} = {v:g} µm/px is outside the plausible range {lo:g}-{hi:g} µm/px for a blood smear "
+            f"(a 12 µm leukocyte would be {cell:.3g} px across); check the value or the file's resolution tags "
+            "(100x oil objectives give about 0.05-0.1 µm/px, 40x scanners about 0.25 µm/px)")
+    return v
+
+
+def work_factor(um_per_px: float, params: DetectParams = DetectParams()) -> int:
+    """Integer block size that brings ``um_per_px`` closest to the working scale (at least 1)."""
+    return max(1, int(round(params.work_um_per_px / float(um_per_px))))
+
+
+def downsample(img: np.ndarray, factor: int) -> np.ndarray:
+    """Block mean by an integer ``factor`` (edges: partial blocks dropped), float32 in [0, 1]."""
+    img = np.asarray(img)
+    if factor == 1:
+        return img.astype(np.float32) / 255.0
+    h, w = (img.shape[0] // factor) * factor, (img.shape[1] // factor) * factor
+    if h == 0 or w == 0:
+        return np.zeros((0, 0, 3), np.float32)
+    a = img[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).astype(np.float32)
+    return a.mean(axis=(1, 3)) / 255.0
+
+
+def _lab(rgb01: np.ndarray) -> np.ndarray:
+    from skimage.color import rgb2lab
+
+    return rgb2lab(rgb01).astype(np.float32)
+
+
+def calibrate(img: np.ndarray, um_per_px: float | None = None, params: DetectParams = DetectParams()) -> StainCalibration:
+    """Background colour of a field: the median colour of its brightest fifth.
+
+    For a scan, call it on an overview or a few sampled tiles and pass the result to
+    every tile, so that all tiles use the same thresholds.
+    """
+    f = work_factor(um_per_px, params) if um_per_px else max(1, min(img.shape[:2]) // 512)
+    lab = _lab(downsample(img, f))
+    if lab.size == 0:
+        raise ValueError("image too small to calibrate")
+    L, b = lab[..., 0].ravel(), lab[..., 2].ravel()
+    bright = L >= np.percentile(L, 80)
+    bg_L, bg_b = float(np.median(L[bright])), float(np.median(b[bright]))
+    db = bg_b - b
+    red = (bg_L - L > 5) & (db < params.nucleus_db / 2)  # red cells (and cytoplasm, a few pixels)
+    rbc_db = float(np.percentile(db[red], 75)) if red.sum() > 100 else 0.0
+    return StainCalibration(bg_L, float(np.median(lab[..., 1].ravel()[bright])), bg_b, max(0.0, rbc_db))
+
+
+def _disk(r: float):
+    from skimage.morphology import disk
+
+    return disk(max(0, int(round(r))))
+
+
+def detect_leukocytes(img: np.ndarray, um_per_px: float, params: DetectParams = DetectParams(),
+                      calibration: StainCalibration | None = None, offset: tuple[int, int] = (0, 0)) -> pd.DataFrame:
+    """Leukocytes in an RGB field: one row per cell, boxes in source pixels.
+
+    ``offset`` (x, y) is added to all coordinates (the tile's origin in the scan);
+    the block grid is aligned to the image origin when the offset is a multiple of the
+    block factor (:func:`leukoscope.screen.tiles.tile_grid` makes sure of that).
+    Columns: ``x0, y0, x1, y1`` (x1/y1 exclusive), ``cx, cy`` (box centre),
+    ``nucleus_um2``, ``cell_um2`` and ``blue`` (mean nucleus ``b*`` below background).
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import gaussian
+    from skimage.measure import regionprops
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    um_per_px = check_um_per_px(um_per_px)
+    img = np.asarray(img)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
+    f = work_factor(um_per_px, params)
+    wum = f * um_per_px  # µm per working pixel
+    small = downsample(img, f)
+    if small.shape[0] < 4 or small.shape[1] < 4:
+        return _empty()
+    cal = calibration or calibrate(img, um_per_px, params)
+    lab = _lab(gaussian(small, sigma=params.smooth_um / wum, channel_axis=-1, preserve_range=True))
+    db = cal.bg_b - lab[..., 2]           # > 0: bluer than background
+
+    px2 = wum * wum
+    nuc = _remove_small(db >= params.nucleus_db, params.min_nucleus_um2 / 4 / px2)
+    if not nuc.any():
+        return _empty()
+    if params.lobe_join_um > 0:  # join the lobes of a segmented nucleus
+        pad = int(math.ceil(params.lobe_join_um / wum)) + 1
+        nuc = ndi.binary_closing(np.pad(nuc, pad), _disk(params.lobe_join_um / wum))[pad:-pad, pad:-pad]
+    # cytoplasm: bluish after smoothing and opening (red-cell rims are thin and vanish), near a nucleus
+    cyto_t = max(params.cyto_db, cal.rbc_db + params.cyto_over_rbc)
+    cyto = gaussian(db, sigma=params.cyto_smooth_um / wum, preserve_range=True) >= cyto_t
+    cyto = ndi.binary_opening(cyto, _disk(params.cyto_open_um / wum))
+    cyto &= ndi.distance_transform_edt(~nuc) <= params.cyto_reach_um / wum
+    cell = _remove_small(ndi.binary_fill_holes(nuc | cyto), params.min_nucleus_um2 / px2)
+
+    # split touching cells: watershed on the distance map of the cell mask from its h-maxima
+    # (a cell is round: one peak; two touching cells leave a saddle between two peaks)
+    dist = ndi.distance_transform_edt(cell)
+    markers, _ = ndi.label(h_maxima(dist, max(1.0, params.split_h_um / wum)))
+    markers = _merge_close_markers(markers, params.split_min_um / wum)
+    cell_lab = watershed(-dist, markers, mask=cell)
+    nuc_lab = np.where(nuc, cell_lab, 0)
+
+    h, w = small.shape[:2]
+    margin = params.box_margin_um / um_per_px
+    ox, oy = offset
+    rows = []
+    for rp in regionprops(cell_lab):
+        nuc_area = float(np.count_nonzero(nuc_lab[rp.slice] == rp.label)) * px2
+        if nuc_area < params.min_nucleus_um2:
+            continue
+        r0, c0, r1, c1 = rp.bbox
+        if max(r1 - r0, c1 - c0) * wum > params.max_cell_um * 1.25:
+            continue  # a clump or debris, not one cell
+        blue = float(db[rp.slice][nuc_lab[rp.slice] == rp.label].mean())
+        x0 = max(0.0, c0 * f - margin)
+        y0 = max(0.0, r0 * f - margin)
+        x1 = min(float(img.shape[1]), c1 * f + margin)
+        y1 = min(float(img.shape[0]), r1 * f + margin)
+        rows.append((int(round(x0)) + ox, int(round(y0)) + oy, int(round(x1)) + ox, int(round(y1)) + oy,
+                     (x0 + x1) / 2 + ox, (y0 + y1) / 2 + oy, nuc_area, float(rp.area) * px2, blue))
+    if not rows:
+        return _empty()
+    return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+
+
+def _merge_close_markers(markers: np.ndarray, min_dist: float) -> np.ndarray:
+    """Give markers whose centroids are closer than ``min_dist`` (px) one label (single linkage)."""
+    from scipy import ndimage as ndi
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    n = int(markers.max())
+    if n < 2:
+        return markers
+    cents = np.asarray(ndi.center_of_mass(markers > 0, markers, range(1, n + 1)))
+    groups = fcluster(linkage(cents, method="single"), t=min_dist, criterion="distance")
+    lut = np.concatenate([[0], groups]).astype(markers.dtype)
+    return lut[markers]
+
+
+def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Drop connected components (8-connected) with fewer than ``min_px`` pixels."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[lab]
+
+
+def _connected_to_seed(cell_lab: np.ndarray, seed_lab: np.ndarray) -> np.ndarray:
+    """Keep, for every label, only the parts of its region connected to its seed."""
+    from scipy import ndimage as ndi
+
+    comp, _ = ndi.label(cell_lab > 0)
+    # a component is kept for label L if it touches L's seed; components are split by label
+    key = comp.astype(np.int64) * (int(cell_lab.max()) + 1) + cell_lab
+    seeded = np.unique(key[seed_lab > 0])
+    return np.where(np.isin(key, seeded), cell_lab, 0)
+
+
+def _empty() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("x0", "y0", "x1", "y1") else "float64")
+                         for c in DETECTION_COLUMNS})
+
+
+# --------------------------------------------------------------------------- scale from red cells
+
+
+@dataclass
+class ScaleEstimate:
+    """µm/px measured from red cells: value (None when it failed), the evidence and a note."""
+
+    um_per_px: float | None
+    rbc_diameter_px: float | None
+    n_rbc: int
+    note: str = ""
+    details: dict = field(default_factory=dict)
+
+
+def estimate_um_per_px(img: np.ndarray, rbc_diameter_um: float = RBC_DIAMETER_UM, min_rbc: int = 10) -> ScaleEstimate:
+    """Estimate µm/px from the median red-cell diameter (≈ 7.5 µm).
+
+    Red cells are the pink, nucleus-free objects darker than the background; each
+    peak of the distance map of that mask (holes filled, so central pallor counts)
+    sits near a red cell's centre and its height is the cell's radius. The median
+    peak height, over peaks that are not shallow ridge bumps, gives the diameter.
+    The image is analysed at most ~800 px across (red cells then stay > 10 px wide
+    for any scale the screener accepts).
+    """
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    img = np.asarray(img)
+    f = max(1, int(max(img.shape[:2]) // 800))
+    small = downsample(img, f)
+    if small.shape[0] < 16 or small.shape[1] < 16:
+        return ScaleEstimate(None, None, 0, "image too small to measure red cells")
+    lab = _lab(small)
+    L, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
+    bright = L >= np.percentile(L, 80)
+    bg_L, bg_a, bg_b = (float(np.median(ch[bright])) for ch in (L, a, b))
+    # red cells: darker or redder than background, and not blue (nuclei, platelets)
+    rbc = ((bg_L - L > 4) | (a - bg_a > 4)) & (bg_b - b < 12)
+    rbc = ndi.binary_opening(rbc, iterations=1)
+    rbc = ndi.binary_fill_holes(rbc)
+    rbc = _remove_small(rbc, 20)
+    frac = rbc.mean()
+    if frac < 0.02 or frac > 0.97:
+        return ScaleEstimate(None, None, 0, f"no measurable red cells (red-cell area {frac:.0%} of the field)")
+    dist = ndi.distance_transform_edt(rbc)
+    peaks = peak_local_max(dist, min_distance=3, threshold_abs=3, exclude_border=True)
+    if len(peaks) < min_rbc:
+        return ScaleEstimate(None, None, int(len(peaks)), f"too few red cells ({len(peaks)} < {min_rbc}) to measure the scale")
+    r = dist[peaks[:, 0], peaks[:, 1]]
+    r = r[r >= 0.5 * np.percentile(r, 90)]  # drop shallow bumps on ridges
+    radius = float(np.median(r))
+    diam_px = (2 * radius + 1) * f
+    um = rbc_diameter_um / diam_px
+    return ScaleEstimate(um, diam_px, int(len(r)), f"estimated from {len(r)} red cells, median diameter "
+                         f"{diam_px:.0f} px = {rbc_diameter_um} µm", {"bg_L": bg_L, "rbc_area_fraction": float(frac)})
+
+
+# --------------------------------------------------------------------------- matching to ground truth
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of boxes ``a`` (n, 4) and ``b`` (m, 4) given as x0, y0, x1, y1."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match_boxes(pred, truth, iou: float = 0.5) -> tuple[int, int, int, np.ndarray]:
+    """One-to-one matching (Hungarian on IoU) of predicted and true boxes.
+
+    Returns ``(tp, fp, fn, ious)``: matches need IoU >= ``iou``; ``ious`` are the IoUs
+    of the matched pairs.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+    if len(pred) == 0 or len(truth) == 0:
+        return 0, len(pred), len(truth), np.zeros(0)
+    m = box_iou(pred, truth)
+    rows, cols = linear_sum_assignment(-m)
+    good = m[rows, cols] >= iou
+    tp = int(good.sum())
+    return tp, len(pred) - tp, len(truth) - tp, m[rows, cols][good]
