@@ -1,0 +1,88 @@
+"""``leukoscope screen MODEL SMEAR... --out DIR [--um-per-px X] [--refer-below P] [--tile-size N]``."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "screen"
+HELP = "find, crop and classify the leukocytes of smear images; differential count, blast %, review page"
+DESCRIPTION = (
+    "Screen smear fields or whole scans (large TIFFs are read tile by tile) with a model bundle. "
+    "Writes DIR/cells.csv (one row per cell), DIR/summary.json (differential counts and blast percentage "
+    "with 95% CIs, flags, the µm/px used and where it came from) and DIR/review.html (a self-contained gallery "
+    "sorted by P(blast)). Cells whose calibrated confidence is below --refer-below are counted as "
+    "'unidentified' for review. Finished tiles are checkpointed in DIR/checkpoint: an interrupted screen "
+    "resumes where it stopped. Not for diagnostic use."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from leukoscope.screen.engine import DEFAULT_REFER_BELOW, DEFAULT_TILE_SIZE
+
+    p.add_argument("model", help="model bundle (model.safetensors written by 'leukoscope train')")
+    p.add_argument("smears", nargs="+", metavar="SMEAR", help="smear images (JPEG/PNG/TIFF) or folders of them")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--um-per-px", type=float, metavar="X",
+                   help="scale of the smears in µm per pixel (default: from the file's resolution tags, "
+                        "else estimated from red cells with a warning)")
+    p.add_argument("--refer-below", type=float, default=DEFAULT_REFER_BELOW, metavar="P",
+                   help=f"refer cells whose calibrated top probability is below P (default {DEFAULT_REFER_BELOW})")
+    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, metavar="N",
+                   help=f"tile size in pixels for large scans (default {DEFAULT_TILE_SIZE})")
+    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument("--no-review", action="store_true", help="do not write review.html")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _expand(paths: list[str]) -> list[str]:
+    from pathlib import Path
+
+    from leukoscope.images import is_image_file
+
+    out = []
+    for s in paths:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(str(q) for q in p.rglob("*") if q.is_file() and is_image_file(q))
+            out.extend(found if found else [s])  # an empty folder is reported as a bad input
+        else:
+            out.append(s)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    import warnings
+
+    from leukoscope.models.bundle import load_bundle
+    from leukoscope.screen.detect import check_um_per_px
+    from leukoscope.screen.engine import ScreenEngine, ScreenWarning
+
+    if args.um_per_px is not None:
+        check_um_per_px(args.um_per_px, "--um-per-px")
+    bundle = load_bundle(args.model)
+    engine = ScreenEngine(bundle, refer_below=args.refer_below, tile_size=args.tile_size, um_per_px=args.um_per_px,
+                          batch_size=args.batch_size, progress=not args.quiet)
+    smears = _expand(args.smears)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScreenWarning)  # the same notes are printed per image below
+        result = engine.screen(smears, out_dir=args.out)
+    paths = result.write(args.out, bundle=bundle, review=not args.no_review)
+    for im in result.summary["images"]:
+        if im["status"] != "ok":
+            print(f"error: {im['error']}", file=sys.stderr)
+            continue
+        for w in im["warnings"]:
+            print(f"warning: {im['image']}: {w}", file=sys.stderr)
+        pct = "n/a" if im["blast_pct"] is None else f"{im['blast_pct']:.1f}%"
+        print(f"{im['image']}: {im['cells_found']} cells ({im['unidentified']} unidentified), blasts {pct}, "
+              f"{im['um_per_px']:.4f} µm/px ({im['um_per_px_source']})")
+    ov = result.summary["overall"]
+    pct = "n/a" if ov["blast_pct"] is None else f"{ov['blast_pct']:.1f}% (95% CI {ov['blast_pct_ci'][0]:.1f}-{ov['blast_pct_ci'][1]:.1f}%)"
+    print(f"overall: {ov['cells_found']} cells, {ov['identified']} identified, {ov['unidentified']} unidentified; "
+          f"blasts {pct}" + (f"; flags: {'; '.join(ov['flag_text'])}" if ov["flag_text"] else ""))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if ov["images_ok"] == 0:
+        print("error: no image could be screened", file=sys.stderr)
+        return 1
+    return 0

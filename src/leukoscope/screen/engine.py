@@ -1,0 +1,424 @@
+"""The screening engine: smear images in, a reviewed differential count out.
+
+:class:`ScreenEngine` holds a model bundle and the settings; :meth:`ScreenEngine.screen`
+runs each smear through
+
+    open (tiled for scans) -> scale (µm/px) -> per tile: detect -> keep cells whose
+    centre is in the tile's core -> crop at the model's field of view -> classify
+    (temperature-calibrated) -> checkpoint
+
+and then refers low-confidence cells to an ``unidentified`` group and counts.
+:meth:`ScreenResult.write` writes ``cells.csv``, ``summary.json`` and ``review.html``
+atomically. Every image is screened on its own: a file that cannot be read, a field
+without leukocytes or an absurd scale ends as a clear error or an empty result in
+the summary, and the other images are still screened.
+
+With ``out_dir`` given, each finished tile is appended to
+``out_dir/checkpoint/<image>.jsonl``; a screen that was interrupted skips the tiles
+already done when it is run again with the same model, settings and files.
+
+>>> from leukoscope.models.bundle import load_bundle        # doctest: +SKIP
+>>> engine = ScreenEngine(load_bundle("model.safetensors"))  # doctest: +SKIP
+>>> result = engine.screen(["smear1.tif"], out_dir="out")    # doctest: +SKIP
+>>> result.summary["overall"]["blast_pct"]                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from leukoscope import INTENDED_USE, taxonomy
+from leukoscope.images import ImageError
+from leukoscope.screen.count import UNIDENTIFIED, count_summary
+from leukoscope.screen.crops import model_crops, model_fov_um
+from leukoscope.screen.detect import (DetectParams, StainCalibration, box_iou, calibrate, check_um_per_px,
+                                      detect_leukocytes, estimate_um_per_px, work_factor)
+from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, tile_grid
+
+#: Default referral threshold on the calibrated top-class probability. With a
+#: temperature-calibrated model the top probability estimates the chance that the
+#: call is right; below 0.5 the call is more likely wrong than right, so counting it
+#: would add more error than information: such cells go to a person instead.
+DEFAULT_REFER_BELOW = 0.5
+#: Default tile (core) size in pixels for reading large scans.
+DEFAULT_TILE_SIZE = 2048
+CHECKPOINT_FORMAT = "leukoscope-screen-checkpoint/1"
+
+
+class ScreenWarning(UserWarning):
+    """Something the user should know about a screen (e.g. an estimated scale)."""
+
+
+@dataclass
+class ImageResult:
+    """The screen of one smear image."""
+
+    image: str
+    status: str                       # "ok" or "error"
+    error: str | None = None
+    width: int | None = None
+    height: int | None = None
+    um_per_px: float | None = None
+    um_per_px_source: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    tiles: int = 0
+    tiles_resumed: int = 0
+    duplicates_removed: int = 0
+    cells: pd.DataFrame | None = None
+
+    def info(self) -> dict:
+        return {k: getattr(self, k) for k in ("image", "status", "error", "width", "height", "um_per_px",
+                                              "um_per_px_source", "warnings", "tiles", "tiles_resumed",
+                                              "duplicates_removed")}
+
+
+@dataclass
+class ScreenResult:
+    """All images of a screen: the cell table, the summary and per-image results."""
+
+    cells: pd.DataFrame
+    summary: dict
+    images: list[ImageResult]
+    classes: tuple[str, ...]
+
+    def write(self, out_dir: str | os.PathLike, bundle=None, review: bool = True, **review_kwargs) -> dict[str, Path]:
+        """Write ``cells.csv``, ``summary.json`` and (with the bundle) ``review.html`` atomically."""
+        from leukoscope.io import atomic_write_csv, atomic_write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"cells": atomic_write_csv(self.cells, out / "cells.csv"),
+                 "summary": atomic_write_json(self.summary, out / "summary.json")}
+        if review:
+            from leukoscope.screen.review import write_review
+
+            paths["review"] = write_review(self, out / "review.html", bundle=bundle, **review_kwargs)
+        return paths
+
+
+def cell_columns(classes: Sequence[str]) -> list[str]:
+    """Columns of ``cells.csv`` for a model with ``classes``."""
+    return (["image", "x0", "y0", "x1", "y1", "pred", "confidence", "p_blast", "p_atypical"]
+            + [f"prob_{c}" for c in classes]
+            + ["model_pred", "referred", "cx", "cy", "nucleus_um2", "cell_um2", "tile"])
+
+
+class ScreenEngine:
+    """Screen smears with a model bundle.
+
+    ``bundle``: a :class:`leukoscope.models.bundle.ModelBundle` (anything with ``meta``,
+    ``classes`` and ``predict_proba(images, um_per_px=..., batch_size=..., calibrated=True)``).
+    ``um_per_px``: the smears' scale, overriding the files' metadata (None: from the file,
+    else estimated from red cells with a warning). ``refer_below``: cells whose calibrated
+    top probability is below it are ``unidentified``.
+    """
+
+    def __init__(self, bundle, refer_below: float = DEFAULT_REFER_BELOW, tile_size: int = DEFAULT_TILE_SIZE,
+                 um_per_px: float | None = None, params: DetectParams | None = None, batch_size: int = 64,
+                 progress: bool = True):
+        if not (0.0 <= float(refer_below) <= 1.0):
+            raise ValueError(f"refer_below must be a probability in [0, 1], got {refer_below}")
+        if int(tile_size) < 256:
+            raise ValueError(f"tile size must be at least 256 px, got {tile_size}")
+        self.bundle = bundle
+        self.refer_below = float(refer_below)
+        self.tile_size = int(tile_size)
+        self.um_per_px = None if um_per_px is None else check_um_per_px(um_per_px, "--um-per-px")
+        self.params = params or DetectParams()
+        self.batch_size = int(batch_size)
+        self.progress = progress
+        self.meta = dict(bundle.meta)
+        self.classes = tuple(bundle.classes)
+        for c in self.classes:
+            taxonomy.check_class(c)
+        self.fov_um = model_fov_um(self.meta)
+
+    # ------------------------------------------------------------------ settings
+
+    def overlap_px(self, um_per_px: float) -> int:
+        """Tile overlap: at least the largest cell diameter and half the crop's field of view."""
+        return int(math.ceil(max(self.params.max_cell_um, self.fov_um / 2 + 1.0) / um_per_px))
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must agree on to be reused (model, detector, tiling)."""
+        key = {"model": {k: self.meta.get(k) for k in ("model", "classes", "input_size", "um_per_px", "temperature",
+                                                      "fingerprint", "metrics")},
+               "params": self.params.to_dict(), "tile_size": self.tile_size}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ scale
+
+    def resolve_scale(self, smear: Smear) -> tuple[float, str, list[str]]:
+        """µm/px for a smear: the engine's override, the file's metadata, or an estimate from red cells."""
+        notes: list[str] = []
+        if self.um_per_px is not None:
+            if smear.um_per_px and abs(smear.um_per_px - self.um_per_px) / self.um_per_px > 0.05:
+                notes.append(f"--um-per-px {self.um_per_px:g} overrides the file's {smear.um_per_px:g} µm/px")
+            return self.um_per_px, "command line (--um-per-px)", notes
+        if smear.um_per_px is not None:
+            return check_um_per_px(smear.um_per_px, f"the file's resolution metadata ({smear.um_source})"), \
+                smear.um_source, notes
+        est = estimate_um_per_px(smear.sample())
+        if est.um_per_px is None:
+            raise ValueError(f"the file gives no µm/px and it could not be estimated from red cells ({est.note}); "
+                             "give the scale with --um-per-px")
+        um = check_um_per_px(est.um_per_px, "the µm/px estimated from red cells")
+        msg = (f"no µm/px in the file: {um:.4f} µm/px {est.note}; give --um-per-px for a measured scale")
+        notes.append(msg)
+        warnings.warn(f"{smear.path}: {msg}", ScreenWarning, stacklevel=3)
+        return um, "estimated from red cells (7.5 µm)", notes
+
+    # ------------------------------------------------------------------ one image
+
+    def screen_image(self, source, checkpoint_dir: str | os.PathLike | None = None, name: str | None = None) -> ImageResult:
+        """Screen one smear (a path, or an RGB array). Errors become an ``error`` result, never an exception
+        (except ``KeyboardInterrupt``: finished tiles are in the checkpoint)."""
+        label = name or (str(source) if not isinstance(source, np.ndarray) else "<array>")
+        res = ImageResult(image=label, status="ok")
+        smear = None
+        try:
+            smear = smear_from_array(source, None, label) if isinstance(source, np.ndarray) else open_smear(source)
+            res.height, res.width = smear.shape
+            um, src, notes = self.resolve_scale(smear)
+            res.um_per_px, res.um_per_px_source = um, src
+            res.warnings.extend(notes)
+            res.cells = self._screen_tiles(smear, um, res, checkpoint_dir)
+            if res.cells.empty:
+                res.warnings.append("no leukocytes found in this field")
+        except KeyboardInterrupt:
+            raise
+        except (ImageError, ValueError, OSError, MemoryError) as exc:
+            res.status, res.error = "error", str(exc)
+            res.cells = None
+        except Exception as exc:  # an unexpected failure: one image must not lose the others
+            res.status, res.error = "error", f"{type(exc).__name__}: {exc}"
+            res.cells = None
+        finally:
+            if smear is not None:
+                smear.close()
+        if res.error and label not in res.error:
+            res.error = f"{label}: {res.error}"
+        return res
+
+    def _screen_tiles(self, smear: Smear, um: float, res: ImageResult, checkpoint_dir) -> pd.DataFrame:
+        align = work_factor(um, self.params)
+        tiles = tile_grid(smear.height, smear.width, self.tile_size, self.overlap_px(um), align)
+        res.tiles = len(tiles)
+        ck = _Checkpoint.open(checkpoint_dir, smear, um, self.fingerprint()) if checkpoint_dir else None
+        cal = ck.calibration if ck is not None and ck.calibration is not None else None
+        if cal is None:
+            cal = calibrate(smear.sample(), um, self.params)
+            if ck is not None:
+                ck.set_calibration(cal)
+        done = ck.done if ck is not None else {}
+        res.tiles_resumed = sum(1 for t in tiles if t.index in done)
+        frames = [done[t.index] for t in tiles if t.index in done]
+        todo = [t for t in tiles if t.index not in done]
+        it = todo
+        if self.progress and len(tiles) > 1:
+            from tqdm.auto import tqdm
+
+            it = tqdm(todo, desc=Path(smear.path).name, unit="tile", initial=res.tiles_resumed, total=len(tiles))
+        for tile in it:
+            df = self.screen_tile(smear, tile, um, cal)
+            if ck is not None:
+                ck.append(tile.index, df)
+            frames.append(df)
+        frames = [f for f in frames if not f.empty]
+        cells = pd.concat(frames, ignore_index=True) if frames else self._empty_cells()
+        cells, removed = dedupe_across_tiles(cells)
+        res.duplicates_removed = removed
+        cells.insert(0, "image", res.image)
+        return cells.sort_values(["y0", "x0"], kind="stable").reset_index(drop=True)
+
+    def screen_tile(self, smear: Smear, tile: Tile, um: float, cal: StainCalibration) -> pd.DataFrame:
+        """Detect, crop and classify the cells whose centre lies in ``tile``'s core."""
+        ry0, rx0, ry1, rx1 = tile.read
+        region = smear.read(ry0, rx0, ry1, rx1)
+        det = detect_leukocytes(region, um, self.params, calibration=cal, offset=(rx0, ry0))
+        if det.empty:
+            return self._empty_cells()
+        det = det[[tile.owns(cx, cy) for cx, cy in zip(det.cx, det.cy)]].reset_index(drop=True)
+        if det.empty:
+            return self._empty_cells()
+        centres = list(zip(det.cx - rx0, det.cy - ry0))
+        x = model_crops(region, centres, um, self.meta)
+        probs = self.bundle.predict_proba(x, um_per_px=self.meta.get("um_per_px"), batch_size=self.batch_size,
+                                          calibrated=True)
+        probs = np.asarray(probs, dtype=np.float64)
+        out = det.copy()
+        for i, c in enumerate(self.classes):
+            out[f"prob_{c}"] = probs[:, i]
+        out["tile"] = tile.index
+        return out
+
+    def _empty_cells(self) -> pd.DataFrame:
+        from leukoscope.screen.detect import DETECTION_COLUMNS
+
+        cols = DETECTION_COLUMNS + [f"prob_{c}" for c in self.classes] + ["tile"]
+        return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
+
+    # ------------------------------------------------------------------ many images
+
+    def screen(self, sources: Iterable, out_dir: str | os.PathLike | None = None, names: Sequence[str] | None = None
+               ) -> ScreenResult:
+        """Screen several smears (paths or arrays); with ``out_dir``, tiles are checkpointed there."""
+        sources = list(sources)
+        ck_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
+        results = []
+        for i, src in enumerate(sources):
+            name = names[i] if names is not None else None
+            results.append(self.screen_image(src, ck_dir, name=name))
+        return self.assemble(results)
+
+    def assemble(self, results: list[ImageResult]) -> ScreenResult:
+        """Apply referral, build the cell table and the summary."""
+        frames = [self.finish_cells(r.cells) for r in results if r.status == "ok" and r.cells is not None]
+        frames = [f for f in frames if not f.empty]
+        cells = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cell_columns(self.classes))
+        cells = cells[cell_columns(self.classes)]
+        per_image = []
+        for r in results:
+            entry = r.info()
+            if r.status == "ok":
+                sub = cells[cells.image == r.image]
+                entry.update(count_summary(sub.pred.tolist(), sub.p_blast.to_numpy(), self.classes))
+            per_image.append(entry)
+        ok = [r for r in results if r.status == "ok"]
+        overall = count_summary(cells.pred.tolist(), cells.p_blast.to_numpy(), self.classes)
+        overall.update({"images": len(results), "images_ok": len(ok), "images_failed": len(results) - len(ok)})
+        summary = {
+            "intended_use": INTENDED_USE,
+            "model": {"file": getattr(self.bundle, "path", None), "name": self.meta.get("model"),
+                      "classes": list(self.classes), "input_size": self.meta.get("input_size"),
+                      "um_per_px": self.meta.get("um_per_px"), "field_of_view_um": round(self.fov_um, 3),
+                      "temperature": self.meta.get("temperature")},
+            "settings": {"refer_below": self.refer_below, "tile_size": self.tile_size,
+                         "um_per_px_override": self.um_per_px, "detector": self.params.to_dict()},
+            "overall": overall,
+            "images": per_image,
+            "errors": [{"image": r.image, "error": r.error} for r in results if r.status != "ok"],
+        }
+        return ScreenResult(cells.reset_index(drop=True), summary, results, self.classes)
+
+    def finish_cells(self, cells: pd.DataFrame | None) -> pd.DataFrame:
+        """Add prediction, confidence, P(blast), P(atypical) and the referral to a detection+probability table."""
+        if cells is None or cells.empty:
+            return pd.DataFrame(columns=cell_columns(self.classes))
+        cells = cells.copy()
+        probs = cells[[f"prob_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
+        top = probs.argmax(axis=1)
+        conf = probs.max(axis=1)
+        cells["model_pred"] = [self.classes[i] for i in top]
+        cells["confidence"] = conf
+        cells["referred"] = conf < self.refer_below
+        cells["pred"] = np.where(cells["referred"], UNIDENTIFIED, cells["model_pred"])
+        cells["p_blast"] = taxonomy.binary_scores(probs, self.classes, "blast")
+        cells["p_atypical"] = taxonomy.binary_scores(probs, self.classes, "atypical")
+        for c in ("x0", "y0", "x1", "y1", "tile"):
+            cells[c] = cells[c].astype(int)
+        return cells
+
+
+def dedupe_across_tiles(cells: pd.DataFrame, iou: float = 0.5) -> tuple[pd.DataFrame, int]:
+    """Drop detections from different tiles that overlap (IoU >= ``iou``), keeping the first.
+
+    The core-ownership rule already counts each cell once; this is the safety net for a
+    cell whose box came out slightly different in two tiles. Returns the table and how many were removed.
+    """
+    if len(cells) < 2 or "tile" not in cells or cells["tile"].nunique() < 2:
+        return cells, 0
+    boxes = cells[["x0", "y0", "x1", "y1"]].to_numpy(dtype=np.float64)
+    tiles = cells["tile"].to_numpy()
+    m = box_iou(boxes, boxes)
+    drop = np.zeros(len(cells), bool)
+    for i in range(len(cells)):
+        if drop[i]:
+            continue
+        dup = (m[i] >= iou) & (tiles != tiles[i]) & ~drop
+        dup[: i + 1] = False
+        drop |= dup
+    return cells[~drop].reset_index(drop=True), int(drop.sum())
+
+
+# ---------------------------------------------------------------------- checkpoint
+
+
+class _Checkpoint:
+    """Per-image JSON-lines checkpoint: a header, then one line per finished tile."""
+
+    def __init__(self, path: Path, header: dict, done: dict, calibration):
+        self.path = path
+        self.header = header
+        self.done = done
+        self.calibration = calibration
+
+    @classmethod
+    def open(cls, directory, smear: Smear, um: float, fingerprint: str) -> "_Checkpoint":
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        p = Path(smear.path)
+        try:
+            st = p.stat()
+            ident = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        except OSError:
+            ident = {}
+        key = hashlib.sha256(str(p.resolve() if p.exists() else smear.path).encode()).hexdigest()[:12]
+        path = directory / f"{p.stem[:40]}-{key}.jsonl"
+        header = {"format": CHECKPOINT_FORMAT, "image": smear.path, "file": ident, "shape": list(smear.shape),
+                  "um_per_px": um, "engine": fingerprint}
+        done, cal = {}, None
+        if path.exists():
+            done, cal = cls._read(path, header)
+        if not done and cal is None:
+            path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+        return cls(path, header, done, cal)
+
+    @staticmethod
+    def _read(path: Path, header: dict):
+        done, cal = {}, None
+        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            first = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            first = {}
+        if first != header:
+            return {}, None  # another file, scale or engine: start afresh
+        valid = lines[:1]
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by the interruption: redo from there
+            valid.append(line)
+            if "calibration" in rec:
+                cal = StainCalibration(**rec["calibration"])
+            elif "tile" in rec:
+                done[int(rec["tile"])] = pd.DataFrame(rec["cells"], columns=rec["columns"])
+        if len(valid) < len(lines):  # drop the cut line so that new tiles append cleanly
+            path.write_text("\n".join(valid) + "\n", encoding="utf-8")
+        return done, cal
+
+    def set_calibration(self, cal: StainCalibration) -> None:
+        self._append({"calibration": cal.to_dict()})
+        self.calibration = cal
+
+    def append(self, index: int, df: pd.DataFrame) -> None:
+        self._append({"tile": int(index), "columns": list(df.columns),
+                      "cells": json.loads(df.to_json(orient="values", double_precision=15))})
+
+    def _append(self, rec: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
