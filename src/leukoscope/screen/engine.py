@@ -183,103 +183,112 @@ class ScreenEngine:
     def screen_image(self, source, checkpoint_dir: str | os.PathLike | None = None, name: str | None = None) -> ImageResult:
         """Screen one smear (a path, or an RGB array). Errors become an ``error`` result, never an exception
         (except ``KeyboardInterrupt``: finished tiles are in the checkpoint)."""
+        queue = _ClassifyQueue(self)
+        state = self._start_image(source, checkpoint_dir, name, queue)
+        queue.flush()
+        return self._finish_image(state)
+
+    def screen(self, sources: Iterable, out_dir: str | os.PathLike | None = None, names: Sequence[str] | None = None
+               ) -> ScreenResult:
+        """Screen several smears (paths or arrays); with ``out_dir``, tiles are checkpointed there.
+
+        Cells are classified in batches of ``batch_size`` across tiles and images (one
+        forward pass per cell would cost far more on a CPU).
+        """
+        sources = list(sources)
+        ck_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
+        queue = _ClassifyQueue(self)
+        states = [self._start_image(src, ck_dir, names[i] if names is not None else None, queue)
+                  for i, src in enumerate(sources)]
+        queue.flush()
+        return self.assemble([self._finish_image(st) for st in states])
+
+    def _start_image(self, source, checkpoint_dir, name, queue: "_ClassifyQueue") -> "_ImageState":
+        """Open, scale and detect one smear tile by tile; its crops go to ``queue`` for classification."""
         label = name or (str(source) if not isinstance(source, np.ndarray) else "<array>")
-        res = ImageResult(image=label, status="ok")
+        st = _ImageState(ImageResult(image=label, status="ok"))
         smear = None
         try:
             smear = smear_from_array(source, None, label) if isinstance(source, np.ndarray) else open_smear(source)
-            res.height, res.width = smear.shape
+            st.res.height, st.res.width = smear.shape
             um, src, notes = self.resolve_scale(smear)
-            res.um_per_px, res.um_per_px_source = um, src
-            res.warnings.extend(notes)
-            res.cells = self._screen_tiles(smear, um, res, checkpoint_dir)
-            if res.cells.empty:
-                res.warnings.append("no leukocytes found in this field")
+            st.res.um_per_px, st.res.um_per_px_source = um, src
+            st.res.warnings.extend(notes)
+            self._detect_tiles(smear, um, st, checkpoint_dir, queue)
         except KeyboardInterrupt:
             raise
-        except (ImageError, ValueError, OSError, MemoryError) as exc:
-            res.status, res.error = "error", str(exc)
-            res.cells = None
-        except Exception as exc:  # an unexpected failure: one image must not lose the others
-            res.status, res.error = "error", f"{type(exc).__name__}: {exc}"
-            res.cells = None
+        except Exception as exc:  # one image must not lose the others
+            st.fail(exc)
         finally:
             if smear is not None:
                 smear.close()
-        if res.error and label not in res.error:
-            res.error = f"{label}: {res.error}"
-        return res
+        return st
 
-    def _screen_tiles(self, smear: Smear, um: float, res: ImageResult, checkpoint_dir) -> pd.DataFrame:
+    def _detect_tiles(self, smear: Smear, um: float, st: "_ImageState", checkpoint_dir, queue) -> None:
         align = work_factor(um, self.params)
         tiles = tile_grid(smear.height, smear.width, self.tile_size, self.overlap_px(um), align)
-        res.tiles = len(tiles)
-        ck = _Checkpoint.open(checkpoint_dir, smear, um, self.fingerprint()) if checkpoint_dir else None
-        cal = ck.calibration if ck is not None and ck.calibration is not None else None
+        st.res.tiles = len(tiles)
+        st.ck = _Checkpoint.open(checkpoint_dir, smear, um, self.fingerprint()) if checkpoint_dir else None
+        cal = st.ck.calibration if st.ck is not None else None
         if cal is None:
             cal = calibrate(smear.sample(), um, self.params)
-            if ck is not None:
-                ck.set_calibration(cal)
-        done = ck.done if ck is not None else {}
-        res.tiles_resumed = sum(1 for t in tiles if t.index in done)
-        frames = [done[t.index] for t in tiles if t.index in done]
+            if st.ck is not None:
+                st.ck.set_calibration(cal)
+        done = st.ck.done if st.ck is not None else {}
+        st.res.tiles_resumed = sum(1 for t in tiles if t.index in done)
+        st.frames.update({t.index: done[t.index] for t in tiles if t.index in done})
         todo = [t for t in tiles if t.index not in done]
         it = todo
         if self.progress and len(tiles) > 1:
             from tqdm.auto import tqdm
 
-            it = tqdm(todo, desc=Path(smear.path).name, unit="tile", initial=res.tiles_resumed, total=len(tiles))
+            it = tqdm(todo, desc=Path(smear.path).name, unit="tile", initial=st.res.tiles_resumed, total=len(tiles))
         for tile in it:
-            df = self.screen_tile(smear, tile, um, cal)
-            if ck is not None:
-                ck.append(tile.index, df)
-            frames.append(df)
-        frames = [f for f in frames if not f.empty]
-        cells = pd.concat(frames, ignore_index=True) if frames else self._empty_cells()
-        cells, removed = dedupe_across_tiles(cells)
-        res.duplicates_removed = removed
-        cells.insert(0, "image", res.image)
-        return cells.sort_values(["y0", "x0"], kind="stable").reset_index(drop=True)
+            det, crops = self.detect_tile(smear, tile, um, cal)
+            if det.empty:
+                st.tile_done(tile.index, self._empty_cells())
+            else:
+                queue.add(st, tile.index, det, crops)
 
-    def screen_tile(self, smear: Smear, tile: Tile, um: float, cal: StainCalibration) -> pd.DataFrame:
-        """Detect, crop and classify the cells whose centre lies in ``tile``'s core."""
+    def detect_tile(self, smear: Smear, tile: Tile, um: float, cal: StainCalibration):
+        """Detections whose centre lies in ``tile``'s core, and their model inputs."""
         ry0, rx0, ry1, rx1 = tile.read
         region = smear.read(ry0, rx0, ry1, rx1)
         det = detect_leukocytes(region, um, self.params, calibration=cal, offset=(rx0, ry0))
+        if not det.empty:
+            det = det[[tile.owns(cx, cy) for cx, cy in zip(det.cx, det.cy)]].reset_index(drop=True)
         if det.empty:
-            return self._empty_cells()
-        det = det[[tile.owns(cx, cy) for cx, cy in zip(det.cx, det.cy)]].reset_index(drop=True)
-        if det.empty:
-            return self._empty_cells()
-        centres = list(zip(det.cx - rx0, det.cy - ry0))
-        x = model_crops(region, centres, um, self.meta)
-        probs = self.bundle.predict_proba(x, um_per_px=self.meta.get("um_per_px"), batch_size=self.batch_size,
+            return det, None
+        det["tile"] = tile.index
+        return det, model_crops(region, list(zip(det.cx - rx0, det.cy - ry0)), um, self.meta)
+
+    def classify(self, crops: np.ndarray) -> np.ndarray:
+        """Temperature-calibrated class probabilities of model inputs."""
+        probs = self.bundle.predict_proba(crops, um_per_px=self.meta.get("um_per_px"), batch_size=self.batch_size,
                                           calibrated=True)
-        probs = np.asarray(probs, dtype=np.float64)
-        out = det.copy()
-        for i, c in enumerate(self.classes):
-            out[f"prob_{c}"] = probs[:, i]
-        out["tile"] = tile.index
-        return out
+        return np.asarray(probs, dtype=np.float64)
+
+    def _finish_image(self, st: "_ImageState") -> ImageResult:
+        res = st.res
+        if res.status == "ok":
+            frames = [f for _, f in sorted(st.frames.items()) if not f.empty]
+            cells = pd.concat(frames, ignore_index=True) if frames else self._empty_cells()
+            cells, res.duplicates_removed = dedupe_across_tiles(cells)
+            cells.insert(0, "image", res.image)
+            res.cells = cells.sort_values(["y0", "x0"], kind="stable").reset_index(drop=True)
+            if res.cells.empty:
+                res.warnings.append("no leukocytes found in this field")
+        else:
+            res.cells = None
+        if res.error and res.image not in res.error:
+            res.error = f"{res.image}: {res.error}"
+        return res
 
     def _empty_cells(self) -> pd.DataFrame:
         from leukoscope.screen.detect import DETECTION_COLUMNS
 
-        cols = DETECTION_COLUMNS + [f"prob_{c}" for c in self.classes] + ["tile"]
+        cols = DETECTION_COLUMNS + ["tile"] + [f"prob_{c}" for c in self.classes]
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
-
-    # ------------------------------------------------------------------ many images
-
-    def screen(self, sources: Iterable, out_dir: str | os.PathLike | None = None, names: Sequence[str] | None = None
-               ) -> ScreenResult:
-        """Screen several smears (paths or arrays); with ``out_dir``, tiles are checkpointed there."""
-        sources = list(sources)
-        ck_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
-        results = []
-        for i, src in enumerate(sources):
-            name = names[i] if names is not None else None
-            results.append(self.screen_image(src, ck_dir, name=name))
-        return self.assemble(results)
 
     def assemble(self, results: list[ImageResult]) -> ScreenResult:
         """Apply referral, build the cell table and the summary."""
@@ -328,6 +337,63 @@ class ScreenEngine:
         for c in ("x0", "y0", "x1", "y1", "tile"):
             cells[c] = cells[c].astype(int)
         return cells
+
+
+class _ImageState:
+    """One image in flight: its result, its checkpoint and its finished tiles."""
+
+    def __init__(self, res: ImageResult):
+        self.res = res
+        self.ck: _Checkpoint | None = None
+        self.frames: dict[int, pd.DataFrame] = {}
+
+    def tile_done(self, index: int, df: pd.DataFrame) -> None:
+        self.frames[index] = df
+        if self.ck is not None:
+            self.ck.append(index, df)
+
+    def fail(self, exc: BaseException) -> None:
+        known = (ImageError, ValueError, OSError, MemoryError)
+        self.res.status = "error"
+        self.res.error = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
+
+
+class _ClassifyQueue:
+    """Detected cells waiting for the model, classified ``batch_size`` at a time across tiles and images."""
+
+    def __init__(self, engine: "ScreenEngine"):
+        self.engine = engine
+        self.items: list[tuple[_ImageState, int, pd.DataFrame, np.ndarray]] = []
+        self.n = 0
+
+    def add(self, st: _ImageState, index: int, det: pd.DataFrame, crops: np.ndarray) -> None:
+        self.items.append((st, index, det, crops))
+        self.n += len(crops)
+        if self.n >= self.engine.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        items, self.items, self.n = self.items, [], 0
+        try:
+            probs = self.engine.classify(np.concatenate([c for _, _, _, c in items]))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            for st, _, _, _ in items:
+                if st.res.status == "ok":
+                    st.fail(RuntimeError(f"classification failed: {type(exc).__name__}: {exc}"))
+            return
+        i = 0
+        for st, index, det, crops in items:
+            df = det.copy()
+            p = probs[i:i + len(crops)]
+            i += len(crops)
+            for k, c in enumerate(self.engine.classes):
+                df[f"prob_{c}"] = p[:, k]
+            if st.res.status == "ok":
+                st.tile_done(index, df)
 
 
 def dedupe_across_tiles(cells: pd.DataFrame, iou: float = 0.5) -> tuple[pd.DataFrame, int]:
