@@ -161,7 +161,6 @@ def detect_leukocytes(img: np.ndarray, um_per_px: float, params: DetectParams = 
     from scipy import ndimage as ndi
     from skimage.filters import gaussian
     from skimage.measure import regionprops
-    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     um_per_px = check_um_per_px(um_per_px)
@@ -194,7 +193,7 @@ def detect_leukocytes(img: np.ndarray, um_per_px: float, params: DetectParams = 
     # split touching cells: watershed on the distance map of the cell mask from its h-maxima
     # (a cell is round: one peak; two touching cells leave a saddle between two peaks)
     dist = ndi.distance_transform_edt(cell)
-    markers, _ = ndi.label(h_maxima(dist, max(1.0, params.split_h_um / wum)))
+    markers = _h_maxima_markers(dist, cell, max(1.0, params.split_h_um / wum))
     markers = _merge_close_markers(markers, params.split_min_um / wum)
     cell_lab = watershed(-dist, markers, mask=cell)
     nuc_lab = np.where(nuc, cell_lab, 0)
@@ -220,6 +219,24 @@ def detect_leukocytes(img: np.ndarray, um_per_px: float, params: DetectParams = 
     if not rows:
         return _empty()
     return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+
+
+def _h_maxima_markers(dist: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray:
+    """Labelled h-maxima of ``dist``, computed object by object (the background is most of a field)."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    comp, n = ndi.label(mask)
+    markers = np.zeros(dist.shape, np.int32)
+    nxt = 1
+    for i, sl in enumerate(ndi.find_objects(comp), start=1):
+        if sl is None:
+            continue
+        sub = np.where(comp[sl] == i, dist[sl], 0.0)
+        lab, k = ndi.label(h_maxima(np.pad(sub, 1), h)[1:-1, 1:-1] & (comp[sl] == i))
+        markers[sl][lab > 0] = lab[lab > 0] + nxt - 1
+        nxt += k
+    return markers
 
 
 def _merge_close_markers(markers: np.ndarray, min_dist: float) -> np.ndarray:
