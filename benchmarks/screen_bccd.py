@@ -27,13 +27,12 @@ BCCD = ROOT.parent / "shared" / "data" / "smears" / "bccd"
 BCCD_UM_PER_PX = 7.5 / 104
 
 
-def _untrained_bundle():
-    import tempfile
-
+def untrained_bundle(path: Path) -> Path:
+    """Write an untrained ``plain_cnn`` bundle at 64 px (for timings when no trained model is given)."""
     import torch
 
     from leukoscope import taxonomy
-    from leukoscope.models.bundle import load_bundle, make_meta, save_bundle
+    from leukoscope.models.bundle import make_meta, save_bundle
     from leukoscope.models.registry import create_model, get_config
 
     torch.manual_seed(0)
@@ -41,9 +40,7 @@ def _untrained_bundle():
     model = create_model("plain_cnn", num_classes=len(taxonomy.CLASSES), input_size=64)
     meta = make_meta(classes=taxonomy.CLASSES, model="plain_cnn", input_size=64, mean=cfg.mean, std=cfg.std,
                      um_per_px=cfg.um_per_px, temperature=1.0)
-    path = Path(tempfile.mkdtemp()) / "untrained.safetensors"
-    save_bundle(model, meta, path)
-    return load_bundle(path)
+    return save_bundle(model, meta, path)
 
 
 def main(argv=None) -> int:
@@ -92,7 +89,12 @@ def main(argv=None) -> int:
     from leukoscope.models.bundle import load_bundle
     from leukoscope.screen.engine import ScreenEngine
 
-    bundle = load_bundle(args.model) if args.model else _untrained_bundle()
+    if args.model:
+        bundle = load_bundle(args.model)
+    else:
+        import tempfile
+
+        bundle = load_bundle(untrained_bundle(Path(tempfile.mkdtemp()) / "untrained.safetensors"))
     sub = paths[: args.e2e_images]
     engine = ScreenEngine(bundle, um_per_px=args.um_per_px, progress=False)
     t = time.perf_counter()

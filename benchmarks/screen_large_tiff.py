@@ -29,6 +29,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from screen_bccd import untrained_bundle  # noqa: E402  (one definition for both benchmarks)
 
 
 def write_scan(path: Path, size: int, um: float, block: int = 2048, variants: int = 4, tile: int = 512):
@@ -68,21 +71,6 @@ def write_scan(path: Path, size: int, um: float, block: int = 2048, variants: in
                      compression="jpeg", compressionargs={"level": 90}, resolution=(res, res),
                      resolutionunit="CENTIMETER", bigtiff=True)
     return truth
-
-
-def untrained_bundle(path: Path) -> Path:
-    import torch
-
-    from leukoscope import taxonomy
-    from leukoscope.models.bundle import make_meta, save_bundle
-    from leukoscope.models.registry import create_model, get_config
-
-    torch.manual_seed(0)
-    cfg = get_config("plain_cnn", input_size=64)
-    model = create_model("plain_cnn", num_classes=len(taxonomy.CLASSES), input_size=64)
-    meta = make_meta(classes=taxonomy.CLASSES, model="plain_cnn", input_size=64, mean=cfg.mean, std=cfg.std,
-                     um_per_px=cfg.um_per_px, temperature=1.0)
-    return save_bundle(model, meta, path)
 
 
 def main(argv=None) -> int:

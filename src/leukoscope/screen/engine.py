@@ -198,8 +198,12 @@ class ScreenEngine:
         sources = list(sources)
         ck_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
         queue = _ClassifyQueue(self)
-        states = [self._start_image(src, ck_dir, names[i] if names is not None else None, queue)
-                  for i, src in enumerate(sources)]
+        it = enumerate(sources)
+        if self.progress and len(sources) > 1:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="smears", unit="image", total=len(sources))
+        states = [self._start_image(src, ck_dir, names[i] if names is not None else None, queue) for i, src in it]
         queue.flush()
         return self.assemble([self._finish_image(st) for st in states])
 
