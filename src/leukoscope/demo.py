@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 #: Settings sized so the whole demo finishes in well under 10 minutes on 2 CPU cores.
-DEMO_DEFAULTS = dict(per_class=60, folds=5, epochs=6, train_per_class=160, input_size=96, seed=0,
+DEMO_DEFAULTS = dict(per_class=60, folds=5, epochs=6, train_per_class=150, input_size=64, seed=0,
                      smear_size=2400, smear_leukocytes=24)
 
 SYNTHETIC_WARNING = (
