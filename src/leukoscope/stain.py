@@ -185,12 +185,6 @@ def colour_augment(x, generator, *, stain: float = 0.05, saturation: float = 0.0
 
 # --------------------------------------------------------------------------- normalisation
 
-#: LAB mean/std of the background + red cells of PBC (CellaVision, MGG) training images,
-#: measured with :func:`reference_stats` on 200 images of ``pbc`` (see docs/robustness.md).
-#: A reference only needs to be some lab's typical smear; use your own with ``target=``.
-PBC_REFERENCE: dict = {}
-
-
 def _bright_mask(lab: np.ndarray) -> np.ndarray:
     """Pixels that are background or red cells: lighter than the darkest third (no nuclei)."""
     L = lab[..., 0]
@@ -231,6 +225,9 @@ def normalize_stain(img_uint8: np.ndarray, method: str = "reinhard", target: dic
                     mask: str | None = None) -> np.ndarray:
     """Map an RGB uint8 image's colour onto ``target`` (``{"mean": [L, a, b], "std": [...]}``).
 
+    The target is the training lab's: :func:`reference_stats` of its images, which
+    ``leukoscope evaluate --fit-reference`` stores in the model bundle.
+
     ``method="reinhard"``: per-channel ``(x - mean) / std * target_std + target_mean`` in
     CIELAB, statistics over the pixels ``mask`` selects (default: the target's own
     ``mask``, ``"bright"`` = background and red cells). Returns uint8 RGB of the same shape.
@@ -242,8 +239,6 @@ def normalize_stain(img_uint8: np.ndarray, method: str = "reinhard", target: dic
 
     if method != "reinhard":
         raise ValueError(f"unknown stain normalisation {method!r}; available: 'reinhard'")
-    if target is None:
-        target = PBC_REFERENCE
     if not target or "mean" not in target or "std" not in target:
         raise ValueError("normalize_stain needs a target {'mean': [L, a, b], 'std': [L, a, b]}; "
                          "make one with reference_stats(training_images)")
