@@ -63,6 +63,17 @@ def test_augmentation_is_deterministic_under_a_seed_and_varies_across_seeds():
     assert float(a.min()) >= 0 and float(a.max()) <= 1
 
 
+def test_stain_jitter_is_used_when_asked_and_seeded():
+    pytest.importorskip("leukoscope.stain")
+    x = _bordered(3)
+    cfg = AugmentConfig(rotate=False, flip=False, stain_jitter=0.1)
+    a = augment_batch(x, torch.Generator().manual_seed(3), cfg)
+    b = augment_batch(x, torch.Generator().manual_seed(3), cfg)
+    plain = augment_batch(x, torch.Generator().manual_seed(3), AugmentConfig(rotate=False, flip=False))
+    assert torch.equal(a, b) and not torch.allclose(a, plain, atol=1e-3)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+
+
 def test_no_augmentation_is_identity():
     x = _bordered(2)
     y = augment_batch(x, torch.Generator().manual_seed(0), AugmentConfig(rotate=False, flip=False))
@@ -178,6 +189,7 @@ def test_early_stopping_on_validation_loss(cells, tmp_path):
     assert m["stopped_early"] and m["epochs_run"] < 30 and m["best_epoch"] == m["epochs_run"] - 1
 
 
+@pytest.mark.slow
 def test_paper_preset_runs_an_optimisation_step_at_400px(cells, tmp_path):
     cfg = preset("paper", epochs=1, per_class=1, batch_size=2, threads="auto", workers=1)
     assert cfg.model == "resnext50_32x4d" and cfg.resolved().input_size == 400 and cfg.stain_jitter == 0
@@ -193,6 +205,7 @@ def test_unknown_model_lists_the_known_ones(cells, tmp_path):
         train(cells.table, tmp_path / "x", tiny(model="resnet1000"), progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_ddp_two_processes_on_cpu(cells, tmp_path):
     import torch.multiprocessing as mp

@@ -27,18 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from leukoscope.cli.train import config_from_args, print_models
+    from leukoscope.cli.train import config_and_data, print_models
 
     if args.list_models:
         print_models()
         return 0
-    from leukoscope.data import read_dataset
     from leukoscope.train.cv import cross_validate
 
-    cfg = config_from_args(args)
-    ds = read_dataset(args.data, label_map=args.label_map)
-    for s in ds.skipped[:5]:
-        print(f"skipped {s['path']}: {s['reason']}")
+    cfg, ds = config_and_data(args)
     t0 = time.time()
     res = cross_validate(ds, args.out, cfg, folds=args.folds, split=args.split, progress=not args.no_progress)
     s = res.summary

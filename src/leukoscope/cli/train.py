@@ -84,6 +84,19 @@ def print_models() -> None:
               f"up to {p['epochs']} epochs")
 
 
+def config_and_data(args: argparse.Namespace):
+    """(effective config, dataset) of a train/cv command line, printing what the reader skipped."""
+    from leukoscope.data import read_dataset
+
+    cfg = config_from_args(args)
+    ds = read_dataset(args.data, label_map=args.label_map)
+    for s in ds.skipped[:5]:
+        print(f"skipped {s['path']}: {s['reason']}")
+    if len(ds.skipped) > 5:
+        print(f"... and {len(ds.skipped) - 5} more skipped ('leukoscope data summary' lists them)")
+    return cfg, ds
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_train_options(p)
     p.add_argument("--split", metavar="CSV", help="split file (leukoscope split); trains on fold != --fold")
@@ -96,11 +109,10 @@ def run(args: argparse.Namespace) -> int:
     if args.list_models:
         print_models()
         return 0
-    from leukoscope.data import read_dataset, read_split
+    from leukoscope.data import read_split
     from leukoscope.train import train
 
-    cfg = config_from_args(args)
-    ds = read_dataset(args.data, label_map=args.label_map)
+    cfg, ds = config_and_data(args)
     table = ds.table
     if args.split is not None or args.fold is not None:
         if args.split is None or args.fold is None:
@@ -113,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
         keep = set(sp.loc[sp["fold"] != args.fold, "path"])
         table = table[table["path"].astype(str).isin(keep)]
         print(f"training on {len(table)} images of {args.split} (fold != {args.fold})")
-    for s in ds.skipped[:5]:
-        print(f"skipped {s['path']}: {s['reason']}")
     res = train(table, args.out, cfg, progress=not args.no_progress, resume=not args.restart,
                 data_fingerprint=ds.fingerprint() if args.split is None else None)
     m = res.metrics
