@@ -107,16 +107,19 @@ def cell_masks(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def find_rbcs(img: np.ndarray) -> list[tuple[float, float, float]]:
     """Red cells of an RGB image as ``(y, x, radius_px)``, the red-cell population only."""
     from scipy import ndimage as ndi
-    from skimage import feature
 
     cells, nucleus = cell_masks(img)
     if not cells.any():
         return []
     h, w = cells.shape
     dist = ndi.distance_transform_edt(cells)
-    peaks = feature.peak_local_max(dist, min_distance=2, threshold_abs=3, exclude_border=False)
-    if len(peaks) == 0:
+    # local maxima of the distance map, one per plateau (no k-d tree: skimage's
+    # peak_local_max builds one, which crashed on large plateaus in a long-running process)
+    is_max = (dist >= 3) & (dist == ndi.maximum_filter(dist, size=5))
+    lab, n = ndi.label(is_max)
+    if n == 0:
         return []
+    peaks = np.array(ndi.maximum_position(dist, lab, np.arange(1, n + 1)), dtype=int).reshape(-1, 2)
     vals = dist[peaks[:, 0], peaks[:, 1]]
     accepted: list[tuple[int, int, float]] = []
     for i in np.argsort(-vals, kind="stable"):  # non-maximum suppression, largest disc first
