@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
         if b.get("undefined_reason"):
             print(f"{q}: not defined ({b['undefined_reason']})")
         else:
-            print(f"{q}: AUC {fmt(b['auc_mean'])} ± {fmt(b['auc_sd'])} over {b['n_folds_defined']} folds "
-                  f"({b['n_pos']} positive, {b['n_neg']} negative)")
+            spread = (f" ± {fmt(b['auc_sd'])} over {b['n_folds_defined']} folds" if b["n_folds_defined"] > 1
+                      else " (one fold)")
+            print(f"{q}: AUC {fmt(b['auc_mean'])}{spread} ({b['n_pos']} positive, {b['n_neg']} negative)")
     if m["human"]:
         mv = m["human"]["model_vs_examiners"]
         if mv["n_matched"] == 0:

@@ -206,17 +206,25 @@ def reliability_png(cal: dict, title: str = "Reliability of the top-class probab
 
 
 def saliency_png(image, saliency, title: str) -> bytes:
-    """An input image (H, W, 3 in [0, 1]) beside its saliency map (H, W)."""
-    fig = Figure(figsize=(5.2, 2.9))
-    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    a.imshow(np.asarray(image))
-    a.set_title("input", fontsize=8)
+    """An input image (H, W, 3 in [0, 1]) beside its saliency map (H, W) and the map laid over the image.
+
+    The map is scaled to its 99.5th percentile, so that a few extreme pixels do not make the rest black.
+    """
+    img = np.asarray(image, dtype=np.float64)
     sal = np.asarray(saliency, dtype=np.float64)
     top = np.percentile(sal, 99.5) if sal.size and sal.max() > 0 else 1.0
-    b.imshow(np.clip(sal / (top or 1.0), 0, 1), cmap="inferno", vmin=0, vmax=1)
-    b.set_title("saliency |∂score/∂pixel|", fontsize=8)
-    for x in (a, b):
-        x.set_xticks([])
-        x.set_yticks([])
+    sal = np.clip(sal / (top or 1.0), 0, 1)
+    fig = Figure(figsize=(7.4, 2.9))
+    axes = [fig.add_subplot(1, 3, i) for i in (1, 2, 3)]
+    axes[0].imshow(img)
+    axes[0].set_title("input (as the model saw it)", fontsize=8)
+    axes[1].imshow(sal, cmap="inferno", vmin=0, vmax=1)
+    axes[1].set_title("saliency |∂score/∂pixel|", fontsize=8)
+    axes[2].imshow(img.mean(axis=-1), cmap="gray", vmin=0, vmax=1)
+    axes[2].imshow(sal, cmap="inferno", vmin=0, vmax=1, alpha=np.clip(sal * 1.5, 0, 0.85))
+    axes[2].set_title("overlay", fontsize=8)
+    for a in axes:
+        a.set_xticks([])
+        a.set_yticks([])
     fig.suptitle(title, fontsize=9)
-    return figure_png(fig, dpi=90)
+    return figure_png(fig, dpi=100)
