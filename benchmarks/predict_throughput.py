@@ -1,0 +1,322 @@
+"""Inference cells/s: naive eager fp32 against LeukoScope's ``predict`` path and its ONNX export.
+
+    python benchmarks/predict_throughput.py                      # ResNeXt-50 at 400x400, batch 8
+    python benchmarks/predict_throughput.py --images 256         # agreement over more images (slower)
+    python benchmarks/predict_throughput.py --smoke              # plain_cnn at 32 px (tests)
+
+The model: the architecture from seed 0 with its BatchNorm statistics re-estimated on 8 of the
+images (train-mode forward passes, no gradient) and its head's bias centred on their features,
+then in eval mode and saved as a LeukoScope bundle. Trained nothing, but unlike raw random
+weights its argmax varies from image to image, so class agreement means something; the table
+reports how many distinct classes it predicts and the median top-1/top-2 margin.
+
+Ways (each in its own process, driven in turn by this one, same images, same batch size):
+
+* ``naive``: the weights loaded into the torchvision model, eval, ``torch.no_grad``,
+  ``ToTensor``/``Normalize``-style float NCHW batches, fp32, eager, glibc malloc.
+* ``ours``: ``load_bundle(...).predict_proba(uint8 batch)``, the path of ``leukoscope predict``
+  and ``screen``, under tcmalloc as the ``leukoscope`` command runs it. The bundle says
+  ``inference_bf16: true``, as training writes when bf16 reproduces the fp32 predictions on the
+  validation set (``--bf16 off``: fp32 bundle).
+* ``ours_fp32``: the same path with a bundle that says ``inference_bf16: false``.
+* ``onnx``: ``leukoscope.models.export.export_onnx`` then onnxruntime (CPU provider, default
+  graph optimisations = all), fp32; export time reported apart.
+* ``compiled`` (only with ``--compile``): the fp32 bundle's model under ``torch.compile``
+  (inductor, ``freezing``: BatchNorm folded, weights pre-packed); its compile time is the
+  warm-up batch's, reported apart.
+
+Timing: one untimed warm-up batch per way, then ``--rounds`` rounds of one batch per way in turn;
+cells/s from the median batch. Images are prepared (decoded, at the model's size) beforehand:
+the figures are the model's cells/s, not the disk's. Agreement: argmax of every way against
+``naive`` on the rounds' images, and of ``ours`` against ``onnx`` (fp32) on all ``--images``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+WAYS = ("naive", "ours", "ours_fp32", "onnx", "compiled")
+DEFAULT_WAYS = WAYS[:4]
+
+
+# --------------------------------------------------------------------------- model and images
+
+
+def prepare_images(paths, size: int) -> np.ndarray:
+    from leukoscope.images import load_rgb
+    from leukoscope.models.preprocess import prepare_image
+
+    return np.stack([prepare_image(load_rgb(p), size) for p in paths])
+
+
+def make_bundle(model_name: str, size: int, calib: np.ndarray, path: Path, bf16: bool,
+                path_fp32: Path | None = None) -> dict:
+    """Seeded weights, BatchNorm re-estimated on ``calib``, head bias centred; saved as a bundle
+    (and, with ``path_fp32``, the same weights in a bundle that says ``inference_bf16: false``)."""
+    import torch
+
+    from leukoscope import taxonomy
+    from leukoscope.models.bundle import make_meta, save_bundle
+    from leukoscope.models.preprocess import normalize
+    from leukoscope.models.registry import create_model, get_config
+
+    cfg = get_config(model_name, input_size=size)
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=len(taxonomy.CLASSES), input_size=size)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    feats = []
+    hook = head.register_forward_hook(lambda mod, inp, out: feats.append(inp[0].detach()))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.train()
+        model(normalize(calib, cfg.mean, cfg.std))
+        model.eval()
+        feats.clear()
+        model(normalize(calib, cfg.mean, cfg.std))
+        hook.remove()
+        head.bias -= (feats[0] @ head.weight.T).mean(0)
+    meta = make_meta(classes=taxonomy.CLASSES, model=model_name, input_size=size, mean=cfg.mean, std=cfg.std,
+                     um_per_px=cfg.um_per_px, temperature=1.0, channels_last=True, inference_bf16=bf16)
+    save_bundle(model, meta, path)
+    if path_fp32 is not None:
+        save_bundle(model, {**meta, "inference_bf16": False}, path_fp32)
+    return {"calibration_seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _setup(role: str, cfg: dict):
+    import torch
+
+    images = np.load(cfg["images"])
+    bs = cfg["batch_size"]
+    info: dict = {}
+    if role == "naive":
+        import torchvision.transforms as T
+        from safetensors.torch import load_file
+
+        from leukoscope.models.bundle import read_meta
+        from leukoscope.models.registry import create_model
+
+        meta = read_meta(cfg["bundle"])
+        model = create_model(meta["model"], num_classes=len(meta["classes"]), input_size=meta["input_size"])
+        model.load_state_dict(load_file(cfg["bundle"]))
+        model.eval()
+        norm = T.Normalize(meta["mean"], meta["std"])
+
+        def probs(x):
+            with torch.no_grad():
+                t = norm(torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255))
+                return torch.softmax(model(t).double(), 1).numpy()
+
+        info.update(bf16=False, channels_last=False)
+    elif role in ("ours", "ours_fp32", "compiled"):
+        from leukoscope.models.bundle import load_bundle
+
+        bundle = load_bundle(cfg["bundle"] if role == "ours" else cfg["bundle_fp32"])
+        if role == "compiled":  # fp32 bundle under torch.compile (inductor, weights frozen: BN folded)
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            bundle.model = torch.compile(bundle.model)
+
+        def probs(x):
+            return bundle.predict_proba(torch.from_numpy(x), batch_size=bs)
+
+        info.update(bf16=bool(bundle.meta.get("inference_bf16")), channels_last=bool(bundle.meta.get("channels_last")))
+    elif role == "onnx":
+        import onnxruntime as ort
+
+        from leukoscope.models.bundle import load_bundle
+        from leukoscope.models.export import export_onnx
+
+        bundle = load_bundle(cfg["bundle"])
+        onnx_path = str(Path(cfg["images"]).with_name("model.onnx"))
+        t0 = time.perf_counter()
+        check = export_onnx(bundle, onnx_path)
+        info["export_seconds"] = time.perf_counter() - t0
+        info["export_max_abs_diff"] = check["max_abs_diff"]
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = C.torch_threads()
+        sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+        t = bundle.temperature
+
+        def probs(x):
+            z = sess.run(["logits"], {"input": bundle.preprocess(x).numpy()})[0]
+            return torch.softmax(torch.from_numpy(z).double() / t, 1).numpy()
+
+        info.update(bf16=False, channels_last=False, onnxruntime=ort.__version__)
+    else:
+        raise ValueError(role)
+    return info, images, probs
+
+
+def worker_main(role: str, cfg: dict) -> int:
+    holder = {}
+
+    def setup():
+        info, holder["images"], holder["probs"] = _setup(role, cfg)
+        info["threads"] = C.torch_threads()
+        return info
+
+    def batch(i: int):
+        bs = cfg["batch_size"]
+        x = holder["images"][i * bs:(i + 1) * bs]
+        sec, p = C.timed(lambda: holder["probs"](x))
+        return {"seconds": sec, "probs": np.asarray(p, dtype=np.float64).tolist()}
+
+    return C.serve(setup, {"batch": batch})
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _agree(a: np.ndarray, b: np.ndarray) -> dict:
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    return {"n": int(n), "agreement": float((a.argmax(1) == b.argmax(1)).mean()) if n else float("nan"),
+            "max_abs_prob_diff": float(np.abs(a - b).max()) if n else float("nan")}
+
+
+def run(args) -> dict:
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix="leukoscope_bench_predict_"))
+    n_img = max(args.images, args.rounds * args.batch_size, args.batch_size)
+    paths, _, source = C.image_source(n_img, synthetic=args.synthetic, tmp=str(tmp))
+    paths = paths[:n_img]
+    t0 = time.perf_counter()
+    images = prepare_images(paths, args.input_size)
+    np.save(tmp / "images.npy", images)
+    prep_s = time.perf_counter() - t0
+    calib = torch.from_numpy(images[:min(8, len(images))])
+    bf16_cpu = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    from leukoscope.models.registry import get_config
+
+    use_bf16 = {"on": True, "off": False}.get(args.bf16, get_config(args.model).cpu_bf16 and bf16_cpu)
+    made = make_bundle(args.model, args.input_size, calib, tmp / "model.safetensors", use_bf16,
+                       tmp / "model_fp32.safetensors")
+    cfg = {"images": str(tmp / "images.npy"), "bundle": str(tmp / "model.safetensors"),
+           "bundle_fp32": str(tmp / "model_fp32.safetensors"), "batch_size": args.batch_size}
+    n_batches = -(-len(images) // args.batch_size)
+    script = Path(__file__).resolve()
+    ways = [w for w in (WAYS if args.compile else DEFAULT_WAYS) if w not in args.skip]
+    workers, times, probs = {}, {w: [] for w in ways}, {w: [] for w in ways}
+    try:
+        for w in ways:
+            workers[w] = C.Worker(script, w, cfg, tcmalloc=(w != "naive" and not args.no_tcmalloc))
+        warm = {w: workers[w].call("batch", i=0)["seconds"] for w in ways}  # warm-up (compiles)
+        for r in range(n_batches):
+            for w in ways:
+                if r >= args.rounds and w not in ("ours", "onnx"):
+                    continue  # after the timed rounds only ours and the fp32 reference go on, for agreement
+                out = workers[w].call("batch", i=r)
+                if r < args.rounds:
+                    times[w].append(out["seconds"])
+                probs[w].append(np.array(out["probs"]))
+                if args.verbose:
+                    print(f"  batch {r} {w}: {out['seconds']:.2f}s", file=sys.stderr)
+        infos = {w: workers[w].info for w in ways}
+    finally:
+        for wk in workers.values():
+            wk.close()
+    probs = {w: np.concatenate(p) for w, p in probs.items()}
+
+    fwd = C.forward_flops(args.model, args.input_size)
+    peak = C.cpu_peak()
+    if args.peak_tflops:
+        peak = {**peak, "fp32_tflops": args.peak_tflops, "bf16_tflops": args.peak_tflops, "how": "--peak-tflops"}
+    rows = {}
+    for w in ways:
+        med = C.median(times[w])
+        cps = args.batch_size / med
+        achieved = cps * fwd / 1e12
+        bf16 = infos[w]["bf16"]
+        rows[w] = {"way": w, "cells_per_s": cps, "median_batch_s": med, "bf16": bf16,
+                   "channels_last": infos[w]["channels_last"], "tcmalloc": infos[w]["tcmalloc"],
+                   "threads": infos[w]["threads"], "achieved_gflops": achieved * 1000,
+                   "util_fp32_peak": achieved / peak["fp32_tflops"],
+                   "util_own_peak": achieved / peak["bf16_tflops" if bf16 else "fp32_tflops"],
+                   "batch_seconds": times[w]}
+        if "naive" in probs and w != "naive":
+            a = _agree(probs[w], probs["naive"])
+            rows[w]["ratio"] = cps / rows["naive"]["cells_per_s"] if "naive" in rows else float("nan")
+            rows[w]["agree_naive"] = a["agreement"]
+            rows[w]["n_agree_naive"] = a["n"]
+            rows[w]["max_dp_naive"] = a["max_abs_prob_diff"]
+    if "naive" in rows:
+        rows["naive"].update(ratio=1.0, agree_naive=1.0, n_agree_naive=len(probs["naive"]), max_dp_naive=0.0)
+    ref = "onnx" if "onnx" in probs else ("naive" if "naive" in probs else None)
+    agreement = _agree(probs["ours"], probs[ref]) if ref and "ours" in probs else {}
+    refp = probs[ref] if ref else probs["ours"]
+    top2 = np.sort(refp, 1)[:, -2:]
+    cpu = C.cpu_info()
+    res = {
+        "benchmark": "predict_throughput", "model": args.model, "input_size": args.input_size,
+        "batch_size": args.batch_size, "rounds": args.rounds, "images": source, "n_images": int(len(images)),
+        "prepare_seconds": prep_s, "cpu": cpu, "peak": peak, "torch": torch.__version__,
+        "forward_gflops_per_image": fwd / 1e9, **made,
+        "ways": rows, "naive": rows.get("naive"), "ours": rows.get("ours"),
+        "ratio": rows["ours"].get("ratio", float("nan")) if "ours" in rows else float("nan"),
+        "agreement": {"reference": ref, **agreement},
+        "distinct_classes_predicted": int(len(np.unique(refp.argmax(1)))),
+        "median_top1_top2_margin": float(np.median(top2[:, 1] - top2[:, 0])),
+        "onnx_export_seconds": infos.get("onnx", {}).get("export_seconds"),
+        "compile_seconds": warm.get("compiled"),
+        "command": "python benchmarks/predict_throughput.py " + " ".join(sys.argv[1:]),
+    }
+    return res
+
+
+def report(res: dict) -> str:
+    cols = ["way", "cells_per_s", "ratio", "agree_naive", "n_agree_naive", "max_dp_naive", "bf16", "channels_last",
+            "tcmalloc", "threads", "achieved_gflops", "util_fp32_peak", "util_own_peak"]
+    a = res["agreement"]
+    lines = [f"inference throughput: {res['model']} at {res['input_size']}px, batch {res['batch_size']}, "
+             f"median of {res['rounds']} interleaved rounds; images: {res['images']}",
+             f"CPU: {res['cpu']['model']} ({res['cpu']['cpus']} CPUs); torch {res['torch']}; "
+             f"{res['forward_gflops_per_image']:.2f} GFLOP/image; peak {res['peak']['fp32_tflops'] * 1000:.0f} GFLOP/s "
+             f"fp32, {res['peak']['bf16_tflops'] * 1000:.0f} bf16 ({res['peak']['how']})",
+             C.table(list(res["ways"].values()), cols),
+             f"ratio ours/naive: {res['ratio']:.2f}x; ours vs {a.get('reference')} (fp32) over {a.get('n')} images: "
+             f"class agreement {a.get('agreement', float('nan')):.4f}, max |dp| {a.get('max_abs_prob_diff', float('nan')):.3g}; "
+             f"the model predicts {res['distinct_classes_predicted']} distinct classes, median top-1/top-2 margin "
+             f"{res['median_top1_top2_margin']:.3g}"]
+    if res.get("onnx_export_seconds") is not None:
+        lines.append(f"onnx export (once): {res['onnx_export_seconds']:.1f}s")
+    if res.get("compile_seconds") is not None:
+        lines.append(f"torch.compile (first batch, once per process): {res['compile_seconds']:.1f}s")
+    note = C.peak_note([r[k] for r in res["ways"].values() for k in ("util_fp32_peak", "util_own_peak")])
+    return "\n".join(lines + ([note] if note else []))
+
+
+def main(argv=None) -> int:
+    ap = C.parser(__doc__)
+    ap.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds (median reported)")
+    ap.add_argument("--images", type=int, default=64, help="images for the ours-vs-fp32 agreement")
+    ap.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                    help="what the bundle's inference_bf16 says (auto: the model's CPU default where the CPU has bf16)")
+    ap.add_argument("--compile", action="store_true", help="add the fp32 torch.compile way (slow to compile)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(WAYS), help="ways to leave out")
+    args = C.finish(ap, argv, "tiny settings for tests: plain_cnn at 32 px, 1 round")
+    return C.main_flow(args, worker_main, run, report,
+                       dict(model="plain_cnn", input_size=32, batch_size=4, rounds=1, images=8))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

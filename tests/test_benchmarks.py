@@ -1,0 +1,91 @@
+"""Smoke tests of the benchmark scripts: their smallest settings run and report the fields.
+
+No timing is asserted: these check that each script runs end to end (naive and ours in their
+own processes, tcmalloc or not) and that its JSON holds naive, ours, the ratio and agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _run(args, tmp_path, env=None, timeout=300):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_throughput_smoke(tmp_path):
+    out = _run([BENCH / "train_throughput.py", "--smoke", "--json", tmp_path / "t.json"], tmp_path)
+    res = json.loads((tmp_path / "t.json").read_text())
+    for way in ("naive", "ours"):
+        assert res[way]["images_per_s"] > 0
+        assert 0 <= res[way]["util_fp32_peak"]
+    assert res["naive"]["tcmalloc"] is False and res["naive"]["bf16"] is False
+    assert res["ours"]["channels_last"] is True
+    assert res["ratio"] > 0 and res["forward_gflops_per_image"] > 0
+    assert "ratio ours/naive" in out and "| naive" in out
+
+
+def test_predict_throughput_smoke(tmp_path):
+    out = _run([BENCH / "predict_throughput.py", "--smoke", "--synthetic", "--json", tmp_path / "p.json"], tmp_path)
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert set(res["ways"]) == {"naive", "ours", "ours_fp32", "onnx"}
+    for way, row in res["ways"].items():
+        assert row["cells_per_s"] > 0 and row["ratio"] > 0
+        assert 0 <= row["agree_naive"] <= 1 and row["n_agree_naive"] == 4
+    # fp32 paths must give the naive predictions (same weights, same arithmetic up to rounding)
+    assert res["ways"]["ours_fp32"]["agree_naive"] == 1.0 and res["ways"]["onnx"]["agree_naive"] == 1.0
+    assert res["agreement"]["reference"] == "onnx" and res["agreement"]["n"] == 8
+    assert res["ratio"] == res["ways"]["ours"]["ratio"]
+    assert "synthetic" in res["images"]
+    assert "class agreement" in out
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    if not Path("/bin/bash").exists():
+        pytest.skip("needs bash")
+    out_dir = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(out_dir), "--device", "cpu", "--steps", "2",
+                           "--batch-size", "2", "--model", "plain_cnn", "--input-size", "64", "--pool", "8",
+                           "--warmup", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out_dir / "gpu_train.json").read_text())
+    assert res["device"] == "cpu"
+    for way in ("ours", "naive"):
+        assert res[way]["images_per_s"] > 0 and res[way]["batch_size"] == 2 and res[way]["mfu"] >= 0
+    assert res["ratio"] > 0 and res["train_gflops_per_image"] > 0
+    assert (out_dir / "nvidia-smi.txt").exists()
+
+
+def test_gpu_peak_table_names_the_h100_and_h200():
+    sys.path.insert(0, str(BENCH))
+    import gpu_train
+
+    names = dict(gpu_train.GPU_PEAKS)
+    assert names["H100"]["bf16"] == 989.0 and names["H200"]["bf16"] == 989.0
+
+
+def test_cpu_peak_from_flags():
+    sys.path.insert(0, str(BENCH))
+    import _common as C
+
+    zen4 = {"model": "AMD EPYC", "vendor": "AuthenticAMD", "family": "25", "cpus": 2, "mhz": 2600.0,
+            "flags": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    p = C.cpu_peak(zen4)
+    assert p["fp32_tflops"] == pytest.approx(2 * 2.6 * 32 / 1000)
+    assert p["bf16_tflops"] == pytest.approx(2 * p["fp32_tflops"])
+    spr = {**zen4, "vendor": "GenuineIntel", "family": "6", "flags": ["avx2", "fma", "avx512f", "amx_bf16"]}
+    assert C.cpu_peak(spr)["fp32_tflops"] == pytest.approx(2 * 2.6 * 64 / 1000)
