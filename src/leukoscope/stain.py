@@ -11,7 +11,8 @@ own white balance, gamma, saturation and focus. Two tools against that:
   - :func:`hed_jitter`: colour deconvolution with scikit-image's ``rgb2hed`` matrix
     (haematoxylin ~ methylene blue/azure, eosin ~ eosin, DAB ~ the residual), each
     stain's optical density scaled by ``1 + N(0, sigma)`` and shifted by ``N(0, bias)``
-    per image, then back to RGB (Tellez et al. 2018's HED augmentation);
+    times the image's largest concentration of that stain, per image, then back to RGB
+    (Tellez et al. 2018's HED augmentation, with the shift made relative);
   - :func:`saturation_jitter`, :func:`gamma_jitter`, :func:`blur_jitter`: what the
     training engineer's ``augment.py`` does not already do (it has brightness and
     contrast); :func:`colour_augment` chains them with the HED jitter.
@@ -89,12 +90,19 @@ def _normal(n: int, k: int, generator, x):
 
 
 def hed_jitter(x, generator, sigma: float = 0.05, bias: float = 0.05):
-    """Random stain variation in HED space: per image and stain, ``c * (1 + N(0, sigma)) + N(0, bias)``.
+    """Random stain variation in HED space: per image and stain, ``c * (1 + N(0, sigma)) + N(0, bias) * c_max``.
 
     ``x``: float NCHW in [0, 1]; ``generator``: a CPU ``torch.Generator`` (the draws are
     made on the CPU and moved to ``x``'s device, so a seed gives the same result on any
     device). Returns a new tensor in [0, 1]. ``sigma = bias = 0`` returns ``x`` up to
     float error.
+
+    The shift is relative to the image's own strongest concentration of that stain
+    (``c_max``): scikit-image's HED concentrations are optical densities divided by
+    ``-log(1e-6)``, so a smear's nuclei sit near 0.05-0.15 and an *absolute* shift of
+    N(0, 0.05) would turn a white background 50% grey (measured: HED jitter with an
+    absolute bias of 0.1 cut held-out PBC balanced accuracy from 0.78 to 0.50). With the
+    relative shift, ``bias = 0.05`` moves each stain by about 5% of its range.
     """
     import torch
 
@@ -106,7 +114,8 @@ def hed_jitter(x, generator, sigma: float = 0.05, bias: float = 0.05):
         return x.clone()
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     h = rgb_to_hed(work)
-    h = h * alpha.to(work.dtype).view(n, 3, 1, 1) + beta.to(work.dtype).view(n, 3, 1, 1)
+    c_max = h.abs().amax(dim=(2, 3))                      # (n, 3)
+    h = h * alpha.to(work.dtype).view(n, 3, 1, 1) + (beta.to(work.dtype) * c_max).view(n, 3, 1, 1)
     return hed_to_rgb(h).to(x.dtype)
 
 
