@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_train_options(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--split", metavar="CSV", help="use this split file instead of making one")
-    p.add_argument("--out", required=True, metavar="RUN", help="output folder")
+    p.add_argument("--out", metavar="RUN", help="output folder (required)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from leukoscope.cli._common import add_label_map
 
@@ -24,7 +25,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``cv``: model/preset and every override."""
     from leukoscope.train.presets import list_presets
 
-    p.add_argument("data", help="dataset: LMU folder, folder per class, CSV manifest, or folder with labels.csv")
+    p.add_argument("data", nargs="?", help="dataset: LMU folder, folder per class, CSV manifest, or folder with labels.csv")
     g = p.add_argument_group("model and preset")
     g.add_argument("--preset", choices=list_presets(),
                    help="training preset (default: fast; with --model, the fast settings for that model)")
@@ -88,6 +89,8 @@ def config_and_data(args: argparse.Namespace):
     """(effective config, dataset) of a train/cv command line, printing what the reader skipped."""
     from leukoscope.data import read_dataset
 
+    if not args.data or not args.out:
+        raise ValueError("give the dataset DATA and --out RUN (or --list-models)")
     cfg = config_from_args(args)
     ds = read_dataset(args.data, label_map=args.label_map)
     for s in ds.skipped[:5]:
@@ -101,8 +104,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_train_options(p)
     p.add_argument("--split", metavar="CSV", help="split file (leukoscope split); trains on fold != --fold")
     p.add_argument("--fold", type=int, metavar="K", help="test fold of --split left out of training")
-    p.add_argument("--out", required=True, metavar="RUN", help="output folder")
-    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in RUN and start over")
+    p.add_argument("--out", metavar="RUN", help="output folder (required)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue from RUN/checkpoint.pt (the default whenever RUN holds one)")
+    g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in RUN and start over")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         keep = set(sp.loc[sp["fold"] != args.fold, "path"])
         table = table[table["path"].astype(str).isin(keep)]
         print(f"training on {len(table)} images of {args.split} (fold != {args.fold})")
+    if args.resume and not (Path(args.out) / "checkpoint.pt").exists() and not (Path(args.out) / "model.safetensors").exists():
+        print(f"--resume: {args.out} has no checkpoint yet; starting a new run")
     res = train(table, args.out, cfg, progress=not args.no_progress, resume=not args.restart,
                 data_fingerprint=ds.fingerprint() if args.split is None else None)
     m = res.metrics
