@@ -106,6 +106,19 @@ def _examiner_plot_points(human: dict | None, question: str) -> list[dict]:
     return out
 
 
+def _examiner_footnote(human: dict | None) -> str | None:
+    """Which images the examiners' ROC points describe, when they are not the model's test images."""
+    if not human:
+        return None
+    mv = human["model_vs_examiners"]
+    name = Path(human["annotations"]).name
+    if mv["n_matched"] == 0:
+        return (f"Examiners' points: the re-annotated images of {name}, none of which is in this test set "
+                "(a reference, not a comparison on the same cells).")
+    return (f"Examiners' points: all re-annotated images of {name}; {mv['n_matched']} of this test set's "
+            f"{mv['n_predictions']} images are in that file (see the human comparison).")
+
+
 def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
@@ -190,7 +203,7 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     for q, res in binary.items():
         title = {"blast": "Blast cells (MYO + MOB) vs. all other cells",
                  "atypical": "Atypical cells vs. cells of a healthy smear"}.get(q, q)
-        pngs[f"roc_{q}"] = figures.roc_png(res, title, _examiner_plot_points(human, q))
+        pngs[f"roc_{q}"] = figures.roc_png(res, title, _examiner_plot_points(human, q), _examiner_footnote(human))
     for name, png in pngs.items():
         atomic_write_bytes(png, out_dir / f"{name}.png")
     saliency = _write_saliency(examples, out_dir)

@@ -111,16 +111,20 @@ def confusion_png(classes, fractions, n_images, title: str = "Confusion matrix (
     return figure_png(fig)
 
 
-def roc_png(result: dict, title: str, examiners: list[dict] | None = None) -> bytes:
+def roc_png(result: dict, title: str, examiners: list[dict] | None = None, footnote: str | None = None) -> bytes:
     """ROC of one binary question over folds (:func:`leukoscope.evaluate.binary.binary_roc_over_folds`).
 
-    ``examiners``: ``[{"label", "fpr", "tpr"}]`` drawn as 'x' and '+' (the paper's markers).
+    ``examiners``: ``[{"label", "fpr", "tpr"}]`` drawn as 'x' and '+' (the paper's markers);
+    ``footnote``: a line under the plot (e.g. which images the examiners' points come from).
     """
     fig = Figure(figsize=(6.2, 6.0))
     ax = fig.add_subplot(1, 1, 1)
     if result.get("undefined_reason"):
-        _text_panel(ax, title, f"ROC not defined: {result['undefined_reason']}. "
-                    f"({result['n_pos']} positive, {result['n_neg']} negative images.)")
+        text = (f"ROC not defined: {result['undefined_reason']}. "
+                f"({result['n_pos']} positive, {result['n_neg']} negative images.)")
+        if examiners:
+            text += " The examiners' sensitivity and specificity are in the human comparison table."
+        _text_panel(ax, title, text)
         return figure_png(fig)
     grid = np.asarray(result["fpr_grid"])
     mean = np.asarray(result["tpr_mean"])
@@ -158,6 +162,7 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None) -> by
     ax.set_aspect("equal")
     # the paper's zoom on the top-left corner, where a useful curve and the examiners lie; left out when the
     # curve does not reach that corner (the inset would hide it)
+    _footnote(ax, footnote if examiners else None)
     if np.interp(0.2, grid, mean) < 0.8:
         ax.legend(loc="lower right", fontsize=7.5, framealpha=0.95)
         return figure_png(fig)
@@ -172,6 +177,12 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None) -> by
     ax.indicate_inset_zoom(ins, edgecolor="grey")
     ax.legend(loc="lower right", fontsize=7.5, framealpha=0.95)
     return figure_png(fig)
+
+
+def _footnote(ax, text: str | None) -> None:
+    if text:
+        ax.annotate("\n".join(textwrap.wrap(text, 90)), xy=(0, 0), xycoords="axes fraction", xytext=(0, -42),
+                    textcoords="offset points", va="top", ha="left", fontsize=7.5, color="#7a4b00")
 
 
 def reliability_png(cal: dict, title: str = "Reliability of the top-class probability") -> bytes:
