@@ -26,12 +26,25 @@ EXAMINER_COLOURS = ("#c0392b", "#8e44ad")
 MODEL_COLOUR = "#1f5fa8"
 
 
-def figure_png(fig: Figure, dpi: int = DPI) -> bytes:
-    """Render a Matplotlib figure to PNG bytes with the Agg canvas."""
+def figure_png(fig: Figure, dpi: int = DPI, palette: bool = False) -> bytes:
+    """Render a Matplotlib figure to PNG bytes with the Agg canvas.
+
+    ``palette=True`` stores it with a 256-colour palette (photographs and saliency maps
+    become about 2.5 times smaller, which matters in a page that embeds dozens).
+    """
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": "leukoscope"})
-    return buf.getvalue()
+    if not palette:
+        return buf.getvalue()
+    from PIL import Image
+
+    buf.seek(0)
+    img = Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                   dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    img.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def _text_panel(ax, title: str, text: str) -> None:
@@ -238,4 +251,4 @@ def saliency_png(image, saliency, title: str) -> bytes:
         a.set_xticks([])
         a.set_yticks([])
     fig.suptitle(title, fontsize=9)
-    return figure_png(fig, dpi=100)
+    return figure_png(fig, dpi=100, palette=True)
