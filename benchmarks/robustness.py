@@ -1,0 +1,177 @@
+"""Cross-lab robustness measurement (issue 7): train on PBC only, score on other labs.
+
+    python benchmarks/robustness.py train VARIANT...   # one after another, into runs/rob/<variant>
+    python benchmarks/robustness.py eval VARIANT...    # -> runs/rob/<variant>/eval_*/ and runs/rob/summary.csv
+
+Training data: ``../shared/data/pbc`` fold 1 of the hold-out split ``runs/rob/pbc_split.csv``
+(``leukoscope split ../shared/data/pbc --holdout 0.2 --seed 0``); fold 0 is the held-out PBC test set.
+Evaluation cells (LMU sample, JHU, Raabin) are never trained or tuned on. All variants share the
+model, input size, per-class target, epochs and seed; they differ only in the measures below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RUNS = ROOT / "runs" / "rob"
+
+#: Small CPU budget shared by every variant (2 shared cores, ~15 min a run).
+COMMON = dict(model="mobilenet_v3_small", input_size=80, per_class=400, epochs=10, seed=0, workers=2,
+              brightness=0.1, contrast=0.1)
+
+#: variant -> (use the physical scale, train overrides, extra colour jitter of leukoscope.stain)
+VARIANTS = {
+    "base":        (False, {}, {}),
+    "scale":       (True, {}, {}),
+    "scale_hed":   (True, {"stain_jitter": 0.1}, {}),
+    "scale_hed_colour": (True, {"stain_jitter": 0.1}, {"saturation": 0.25, "gamma": 0.25, "blur": 1.0}),
+    "hed_colour":  (False, {"stain_jitter": 0.1}, {"saturation": 0.25, "gamma": 0.25, "blur": 1.0}),
+}
+
+
+def pbc_train_table(use_scale: bool):
+    from leukoscope.data import read_dataset, read_split
+    from leukoscope.scale_estimate import estimate_dataset_scale
+
+    ds = read_dataset(DATA / "pbc")
+    sp = read_split(RUNS / "pbc_split.csv")
+    train_paths = set(sp.loc[sp["fold"] != 0, "path"].astype(str))
+    table = ds.table[ds.table["path"].astype(str).isin(train_paths)].reset_index(drop=True)
+    if use_scale:
+        est = estimate_dataset_scale(list(table["path"]), max_images=40, seed=0)
+        if not est.plausible:
+            raise RuntimeError(f"PBC scale estimate not usable: {est.reason}")
+        table["um_per_px"] = est.um_per_px
+        print(f"PBC training images: estimated {est.um_per_px:.4f} µm/px from {est.n_rbc} red cells "
+              f"in {est.n_images} images")
+    return table
+
+
+def patch_colour(extra: dict):
+    """Run leukoscope.stain.colour_augment after the trainer's own augmentation."""
+    if not extra:
+        return
+    import leukoscope.train.augment as aug
+    from leukoscope.stain import colour_augment
+
+    base = aug.augment_batch
+
+    def augment_batch(x, generator, config=aug.AugmentConfig()):
+        return colour_augment(base(x, generator, config), generator, stain=0.0, **extra)
+
+    aug.augment_batch = augment_batch
+
+
+def train_variant(name: str):
+    from leukoscope.train import preset, train
+
+    use_scale, overrides, extra = VARIANTS[name]
+    table = pbc_train_table(use_scale)
+    patch_colour(extra)
+    cfg = preset("fast", **{**COMMON, **overrides})
+    out = RUNS / name  # the extra colour jitter is recorded in extra_augment.json (not a TrainConfig field)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "extra_augment.json").write_text(json.dumps(extra))
+    t0 = time.time()
+    res = train(table, out, cfg, progress=False)
+    print(f"{name}: {res.bundle_path} in {time.time() - t0:.0f}s, val bal acc "
+          f"{res.metrics.get('val_balanced_accuracy', float('nan')):.3f}", flush=True)
+
+
+def eval_tables():
+    """PBC held-out fold 0, the LMU sample and external_wbc (source = its images/<folder>)."""
+    from leukoscope.data import read_dataset, read_split
+
+    pbc = read_dataset(DATA / "pbc").table
+    sp = read_split(RUNS / "pbc_split.csv")
+    test = set(sp.loc[sp["fold"] == 0, "path"].astype(str))
+    pbc_test = pbc[pbc["path"].astype(str).isin(test)].reset_index(drop=True)
+    lmu = read_dataset(DATA / "aml_lmu_sample").table
+    ext = read_dataset(DATA / "external_wbc").table
+    ext["source"] = ext["path"].map(lambda p: Path(p).parent.name)
+    return pbc_test, lmu, ext
+
+
+def _acc(pred, sources):
+    sub = pred[pred["known"] & pred["source"].isin(sources)]
+    return float((sub["label"] == sub["pred"]).mean()) if len(sub) else float("nan"), int(len(sub))
+
+
+def eval_variant(name: str) -> list[dict]:
+    from leukoscope.evaluate.external import (evaluate_sets, fit_reference, store_reference, validation_table,
+                                              write_outputs)
+    from leukoscope.models.bundle import load_bundle
+
+    use_scale = VARIANTS[name][0]
+    path = RUNS / name / "model.safetensors"
+    bundle = load_bundle(path)
+    if "colour" not in (bundle.meta.get("reference") or {}):
+        val = validation_table(bundle, pbc_train_table(use_scale))
+        store_reference(path, fit_reference(bundle, val))
+        bundle = load_bundle(path)
+    pbc_test, lmu, ext = eval_tables()
+    rows = []
+    for norm in (False, True):
+        t0 = time.time()
+        res = evaluate_sets(bundle, [pbc_test, lmu, ext], stain_normalize=norm, n_boot=200)
+        out = RUNS / name / ("eval_norm" if norm else "eval")
+        write_outputs(res, out)
+        pred = res.predictions
+        ps = res.per_source
+        row = {"variant": name, "stain_normalize": norm,
+               "pbc_heldout_bal_acc": ps["pbc"]["balanced_accuracy"]["value"],
+               "pbc_heldout_acc": ps["pbc"]["accuracy"]["value"]}
+        for src in ("lmu", "jhu_apl_aml", "raabin_wbc", "pbc_barcelona"):
+            row[f"{src}_acc"], row[f"{src}_n"] = _acc(pred, [src])
+        row["nonpbc_external_acc"], row["nonpbc_external_n"] = _acc(pred, ["jhu_apl_aml", "raabin_wbc"])
+        for src in ("pbc", "lmu", "jhu_apl_aml", "raabin_wbc"):
+            o = res.ood.get(src, {})
+            row[f"{src}_ood_frac"] = o.get("fraction_beyond_reference_q95")
+            row[f"{src}_conf"] = o.get("mean_max_prob")
+            sc = res.scale.get(src) if isinstance(res.scale.get(src), dict) else {}
+            row[f"{src}_um_per_px"] = (sc or {}).get("um_per_px_median")
+        rows.append(row)
+        print(f"{name} norm={norm}: " + ", ".join(f"{k}={v:.3f}" for k, v in row.items()
+                                                   if isinstance(v, float) and k.endswith("acc")),
+              f"({time.time() - t0:.0f}s)", flush=True)
+        for w in res.warnings:
+            print("   ", w[:160])
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("train", "eval"))
+    ap.add_argument("variants", nargs="+")
+    a = ap.parse_args(argv)
+    for v in a.variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v}; known: {', '.join(VARIANTS)}")
+    if a.what == "train":
+        for v in a.variants:
+            train_variant(v)
+    else:
+        rows = []
+        for v in a.variants:
+            rows += eval_variant(v)
+        summary = RUNS / "summary.csv"
+        import pandas as pd
+
+        old = pd.read_csv(summary) if summary.exists() else pd.DataFrame()
+        new = pd.DataFrame(rows)
+        if len(old):
+            old = old[~old["variant"].isin(new["variant"])]
+        allrows = pd.concat([old, new], ignore_index=True)
+        allrows.to_csv(summary, index=False)
+        print(allrows.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
