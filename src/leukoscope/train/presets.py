@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
     "paper": dict(model="resnext50_32x4d", input_size=400, epochs=50, per_class=10_000, batch_size=32,
                   lr=1e-3, weight_decay=1e-4, warmup_epochs=0.2, schedule="constant", patience=5,
                   val_fraction=0.1, stain_jitter=0.0),
-    "fast": dict(model="mobilenet_v3_small", input_size=128, epochs=6, per_class=600, batch_size=64,
+    "fast": dict(model="mobilenet_v3_small", input_size=128, epochs=6, per_class=800, batch_size=64,
                  lr=3e-3, weight_decay=1e-4, warmup_epochs=0.5, schedule="cosine", patience=100,
                  val_fraction=0.1, brightness=0.1, contrast=0.1),
 }
