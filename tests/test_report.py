@@ -215,3 +215,25 @@ def test_saliency_skipped_without_fold_models(tmp_path):
     assert m["saliency"]["examples"] == []
     assert "no fold models" in m["saliency"]["notes"][0]
     assert "saliency maps skipped" in (tmp_path / "o" / "report.html").read_text()
+
+
+def test_undefined_roc_still_shows_the_examiners_points():
+    """No positive images: no curve, but the examiners' calls are still drawn as points."""
+    import io
+
+    from matplotlib.colors import to_rgb
+
+    from leukoscope.report.figures import EXAMINER_COLOURS, roc_png
+
+    undefined = {"undefined_reason": "no positive images", "n_pos": 0, "n_neg": 10}
+    plain = Image.open(io.BytesIO(roc_png(undefined, "blast")))
+    with_points = Image.open(io.BytesIO(roc_png(undefined, "blast", examiners=[
+        {"label": "examiner 1", "fpr": 0.09, "tpr": 0.96}, {"label": "examiner 2", "fpr": 0.05, "tpr": 0.91}],
+        footnote="other images")))
+    # the examiners' colours appear only where their markers are drawn
+    def has_colour(im, rgb):
+        a = np.asarray(im.convert("RGB")).astype(int)
+        return bool((np.abs(a - np.array(rgb)).sum(-1) < 40).any())
+
+    rgb = [int(255 * c) for c in to_rgb(EXAMINER_COLOURS[0])]
+    assert has_colour(with_points, rgb) and not has_colour(plain, rgb)

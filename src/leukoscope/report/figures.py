@@ -132,12 +132,30 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None, footn
     """
     fig = Figure(figsize=(6.2, 6.0))
     ax = fig.add_subplot(1, 1, 1)
-    if result.get("undefined_reason"):
+    undefined = bool(result.get("undefined_reason"))
+    pts = [e for e in examiners or [] if np.isfinite(e["fpr"]) and np.isfinite(e["tpr"])]
+    if undefined:
         text = (f"ROC not defined: {result['undefined_reason']}. "
                 f"({result['n_pos']} positive, {result['n_neg']} negative images.)")
-        if examiners:
-            text += " The examiners' sensitivity and specificity are in the human comparison table."
-        _text_panel(ax, title, text)
+        if not pts:
+            _text_panel(ax, title, text)
+            return figure_png(fig)
+        # no curve to draw, but the examiners' calls are still points in ROC space
+        for i, e in enumerate(pts):
+            ax.plot(e["fpr"], e["tpr"], EXAMINER_MARKERS[i % 2], color=EXAMINER_COLOURS[i % 2], ms=10, mew=2,
+                    label=e["label"])
+        ax.text(0.55, 0.45, "\n".join(textwrap.wrap(text + " Only the examiners' points are shown.", 36)),
+                ha="center", va="center", fontsize=9.5, transform=ax.transAxes,
+                bbox={"boxstyle": "round,pad=0.6", "fc": "#fff7e6", "ec": "#e0a030"})
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_xlabel("1 − specificity (false-positive rate)")
+        ax.set_ylabel("sensitivity (true-positive rate)")
+        ax.set_title(title)
+        ax.set_aspect("equal")
+        _footnote(ax, footnote)
+        ax.legend(loc="lower right", fontsize=7.5, framealpha=0.95)
         return figure_png(fig)
     grid = np.asarray(result["fpr_grid"])
     mean = np.asarray(result["tpr_mean"])
