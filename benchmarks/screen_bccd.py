@@ -6,7 +6,7 @@ Detection is scored against BCCD's WBC boxes (``../shared/data/smears/bccd``) at
 one-to-one (Hungarian) matching, separately on the even image ids (the half the detector's
 parameters were tuned on) and the odd ids (held out). BCCD gives no scale: by default it is
 7.5 µm / 104 px = 0.0721 µm/px (the median RBC box is 104 px; a red cell is ~7.5 µm); the
-red-cell estimate of :func:`leukoscope.screen.detect.estimate_um_per_px` is reported beside it.
+red-cell estimate of :func:`leukoscope.scale_estimate.estimate_field_scale` is reported beside it.
 End to end (detect + crop + classify) runs the :class:`~leukoscope.screen.engine.ScreenEngine`
 with the bundle given by ``--model``, or an untrained ``plain_cnn`` at 64 px when none is given.
 """
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         print(f"BCCD not found at {BCCD}; nothing to measure")
         return 1
     from leukoscope.images import load_rgb
-    from leukoscope.screen.detect import detect_leukocytes, estimate_um_per_px, match_boxes
+    from leukoscope.scale_estimate import estimate_field_scale
+    from leukoscope.screen.detect import detect_leukocytes, match_boxes
 
     boxes = pd.read_csv(BCCD / "boxes.csv")
     wbc = boxes[boxes["class"] == "WBC"]
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         s[1] += fp
         s[2] += fn
         s[3].extend(ious)
-        ests.append(estimate_um_per_px(img).um_per_px or np.nan)
+        ests.append(estimate_field_scale(img).um_per_px)
     print(f"BCCD detection at IoU >= 0.5, {args.um_per_px:.4f} µm/px, {len(paths)} images")
     print(f"{'half':<16}{'WBC':>5}{'TP':>5}{'FP':>5}{'FN':>5}{'recall':>8}{'precision':>10}{'mean IoU':>10}")
     tot = [0, 0, 0, []]

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from leukoscope.scale import to_scale
+from leukoscope.scale_estimate import estimate_field_scale
 from leukoscope.screen.count import clopper_pearson_interval, count_summary, wilson_interval
 from leukoscope.screen.crops import cell_crop, model_crops
-from leukoscope.screen.detect import (box_iou, check_um_per_px, detect_leukocytes, estimate_um_per_px,
-                                      match_boxes)
+from leukoscope.screen.detect import box_iou, check_um_per_px, detect_leukocytes, match_boxes
 from leukoscope.screen.tiles import tile_grid
 from leukoscope.synth import make_smear
 
@@ -38,8 +38,8 @@ def test_field_without_leukocytes_and_blank_field():
     assert detect_leukocytes(img, 0.1).empty
     blank = np.full((400, 500, 3), (232, 230, 226), np.uint8)
     assert detect_leukocytes(blank, 0.1).empty
-    est = estimate_um_per_px(blank)
-    assert est.um_per_px is None and "red cells" in est.note
+    est = estimate_field_scale(blank)
+    assert not est.plausible and np.isnan(est.um_per_px) and "red cells" in est.reason
 
 
 def test_many_cells_in_one_field():
@@ -53,8 +53,8 @@ def test_many_cells_in_one_field():
 def test_scale_estimate_from_red_cells():
     for um in (0.07, 0.12):
         img, _ = make_smear(int(90 / um), int(70 / um), n_leukocytes=1, seed=2, um_per_px=um)
-        est = estimate_um_per_px(img)
-        assert est.um_per_px == pytest.approx(um, rel=0.12), est
+        est = estimate_field_scale(img)
+        assert est.plausible and est.um_per_px == pytest.approx(um, rel=0.12), est
 
 
 @pytest.mark.parametrize("bad", [50, 0.0001, 0, -1, float("nan"), "abc"])

@@ -10,9 +10,9 @@
 """
 
 from leukoscope.screen.count import count_summary, wilson_interval
-from leukoscope.screen.detect import DetectParams, detect_leukocytes, estimate_um_per_px, match_boxes
+from leukoscope.screen.detect import DetectParams, detect_leukocytes, match_boxes
 from leukoscope.screen.engine import DEFAULT_REFER_BELOW, ImageResult, ScreenEngine, ScreenResult
 from leukoscope.screen.tiles import open_smear, tile_grid
 
 __all__ = ["DEFAULT_REFER_BELOW", "DetectParams", "ImageResult", "ScreenEngine", "ScreenResult", "count_summary",
-           "detect_leukocytes", "estimate_um_per_px", "match_boxes", "open_smear", "tile_grid", "wilson_interval"]
+           "detect_leukocytes", "match_boxes", "open_smear", "tile_grid", "wilson_interval"]

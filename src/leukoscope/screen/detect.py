@@ -19,8 +19,8 @@ CIELAB, where "blue" is a negative ``b*``:
    neighbour's) and box nucleus + cytoplasm.
 
 Every size is a physical one (µm, µm²), so the same parameters work at 0.07 and at
-0.25 µm/px. :func:`estimate_um_per_px` measures the scale of a field from its red
-cells (median diameter ≈ 7.5 µm) when a file does not say it.
+0.25 µm/px. :func:`leukoscope.scale_estimate.estimate_field_scale` measures the scale
+of a field from its red cells (median diameter ≈ 7.5 µm) when a file does not say it.
 
 >>> import numpy as np
 >>> field = np.full((200, 200, 3), 235, np.uint8)
@@ -31,13 +31,11 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 
-#: Median diameter of a normal red cell, µm (the ruler when a file gives no scale).
-RBC_DIAMETER_UM = 7.5
 #: The scales the screener accepts, µm/px: finer than this is a sub-cellular zoom,
 #: coarser makes a leukocyte a few pixels across.
 UM_PER_PX_RANGE = (0.02, 1.0)
@@ -280,62 +278,6 @@ def _connected_to_seed(cell_lab: np.ndarray, seed_lab: np.ndarray) -> np.ndarray
 def _empty() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("x0", "y0", "x1", "y1") else "float64")
                          for c in DETECTION_COLUMNS})
-
-
-# --------------------------------------------------------------------------- scale from red cells
-
-
-@dataclass
-class ScaleEstimate:
-    """µm/px measured from red cells: value (None when it failed), the evidence and a note."""
-
-    um_per_px: float | None
-    rbc_diameter_px: float | None
-    n_rbc: int
-    note: str = ""
-    details: dict = field(default_factory=dict)
-
-
-def estimate_um_per_px(img: np.ndarray, rbc_diameter_um: float = RBC_DIAMETER_UM, min_rbc: int = 10) -> ScaleEstimate:
-    """Estimate µm/px from the median red-cell diameter (≈ 7.5 µm).
-
-    Red cells are the pink, nucleus-free objects darker than the background; each
-    peak of the distance map of that mask (holes filled, so central pallor counts)
-    sits near a red cell's centre and its height is the cell's radius. The median
-    peak height, over peaks that are not shallow ridge bumps, gives the diameter.
-    The image is analysed at most ~800 px across (red cells then stay > 10 px wide
-    for any scale the screener accepts).
-    """
-    from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-    img = np.asarray(img)
-    f = max(1, int(max(img.shape[:2]) // 800))
-    small = downsample(img, f)
-    if small.shape[0] < 16 or small.shape[1] < 16:
-        return ScaleEstimate(None, None, 0, "image too small to measure red cells")
-    lab = _lab(small)
-    L, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
-    bright = L >= np.percentile(L, 80)
-    bg_L, bg_a, bg_b = (float(np.median(ch[bright])) for ch in (L, a, b))
-    # red cells: darker or redder than background, and not blue (nuclei, platelets)
-    rbc = ((bg_L - L > 4) | (a - bg_a > 4)) & (bg_b - b < 12)
-    rbc = ndi.binary_opening(rbc, iterations=1)
-    rbc = ndi.binary_fill_holes(rbc)
-    rbc = _remove_small(rbc, 20)
-    frac = rbc.mean()
-    if frac < 0.02 or frac > 0.97:
-        return ScaleEstimate(None, None, 0, f"no measurable red cells (red-cell area {frac:.0%} of the field)")
-    dist = ndi.distance_transform_edt(rbc)
-    peaks = peak_local_max(dist, min_distance=3, threshold_abs=3, exclude_border=True)
-    if len(peaks) < min_rbc:
-        return ScaleEstimate(None, None, int(len(peaks)), f"too few red cells ({len(peaks)} < {min_rbc}) to measure the scale")
-    r = dist[peaks[:, 0], peaks[:, 1]]
-    r = r[r >= 0.5 * np.percentile(r, 90)]  # drop shallow bumps on ridges
-    radius = float(np.median(r))
-    diam_px = (2 * radius + 1) * f
-    um = rbc_diameter_um / diam_px
-    return ScaleEstimate(um, diam_px, int(len(r)), f"estimated from {len(r)} red cells, median diameter "
-                         f"{diam_px:.0f} px = {rbc_diameter_um} µm", {"bg_L": bg_L, "rbc_area_fraction": float(frac)})
 
 
 # --------------------------------------------------------------------------- matching to ground truth

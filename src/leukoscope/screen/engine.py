@@ -42,7 +42,8 @@ from leukoscope.images import ImageError
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DetectParams, StainCalibration, box_iou, calibrate, check_um_per_px,
-                                      detect_leukocytes, estimate_um_per_px, work_factor)
+                                      detect_leukocytes, work_factor)
+from leukoscope.scale_estimate import estimate_field_scale
 from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, tile_grid
 
 #: Default referral threshold on the calibrated top-class probability. With a
@@ -168,12 +169,13 @@ class ScreenEngine:
         if smear.um_per_px is not None:
             return check_um_per_px(smear.um_per_px, f"the file's resolution metadata ({smear.um_source})"), \
                 smear.um_source, notes
-        est = estimate_um_per_px(smear.sample())
-        if est.um_per_px is None:
-            raise ValueError(f"the file gives no µm/px and it could not be estimated from red cells ({est.note}); "
+        est = estimate_field_scale(smear.sample())
+        if not est.plausible:
+            raise ValueError(f"the file gives no µm/px and it could not be estimated from red cells ({est.reason}); "
                              "give the scale with --um-per-px")
         um = check_um_per_px(est.um_per_px, "the µm/px estimated from red cells")
-        msg = (f"no µm/px in the file: {um:.4f} µm/px {est.note}; give --um-per-px for a measured scale")
+        msg = (f"no µm/px in the file: {um:.4f} µm/px estimated from {est.n_rbc} red cells (median diameter "
+               f"{est.diameter_px:.0f} px = 7.5 µm); give --um-per-px for a measured scale")
         notes.append(msg)
         warnings.warn(f"{smear.path}: {msg}", ScreenWarning, stacklevel=3)
         return um, "estimated from red cells (7.5 µm)", notes
