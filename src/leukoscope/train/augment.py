@@ -4,9 +4,10 @@ Rotation by an angle drawn uniformly from [0, 360) is done for the whole batch
 with ``affine_grid``/``grid_sample``; the corners a rotation uncovers are filled by
 **reflection** of the image's own background, never with black. Horizontal and
 vertical flips are folded into the same affine map. Optional brightness/contrast
-jitter and HED stain jitter (:func:`leukoscope.stain.hed_jitter`, when that module
-is installed) follow. Everything draws from one ``torch.Generator``, so a seed
-gives the same batch.
+jitter follows, then the colour measures of :func:`leukoscope.stain.colour_augment`:
+HED stain jitter, saturation, gamma (tone curve) and blur (defocus), each only when
+its amount is nonzero. Everything draws from one CPU ``torch.Generator`` (random
+numbers are moved to the batch's device), so a seed gives the same batch.
 
 >>> import torch
 >>> x = torch.full((2, 32, 32, 3), 200, dtype=torch.uint8)
@@ -18,7 +19,6 @@ gives the same batch.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,14 @@ class AugmentConfig:
     brightness: float = 0.0   # factor drawn from [1 - b, 1 + b]
     contrast: float = 0.0     # factor drawn from [1 - c, 1 + c] around the image mean
     stain_jitter: float = 0.0  # sigma (and bias) of HED jitter; 0 = off
+    saturation: float = 0.0   # saturation factor drawn from [1 - s, 1 + s]; 0 = off
+    gamma: float = 0.0        # log(gamma) drawn from [-g, g]; 0 = off
+    blur: float = 0.0         # Gaussian blur, sigma up to this many px (half of the images); 0 = off
+
+    @property
+    def colour(self) -> dict:
+        """Keyword arguments of :func:`leukoscope.stain.colour_augment`."""
+        return {"stain": self.stain_jitter, "saturation": self.saturation, "gamma": self.gamma, "blur": self.blur}
 
 
 def to_float_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -65,14 +73,6 @@ def rotate_flip(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _stain_fn():
-    try:
-        from leukoscope.stain import hed_jitter
-    except ImportError:
-        return None
-    return hed_jitter
-
-
 def augment_batch(x: torch.Tensor, generator: torch.Generator, config: AugmentConfig = AugmentConfig()) -> torch.Tensor:
     """Augment a uint8 NHWC (or NCHW) batch; returns float NCHW in [0, 1] on ``x``'s device."""
     x = to_float_nchw(x)
@@ -88,11 +88,8 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, config: AugmentCo
         x = (x - mean) * c.to(x.device).view(n, 1, 1, 1) + mean
     if config.brightness > 0 or config.contrast > 0:
         x = x.clamp_(0, 1)
-    if config.stain_jitter > 0:
-        fn = _stain_fn()
-        if fn is None:
-            warnings.warn("--stain-jitter asked for, but leukoscope.stain is not installed; skipped",
-                          RuntimeWarning, stacklevel=2)
-        else:
-            x = fn(x, generator, sigma=config.stain_jitter, bias=config.stain_jitter).clamp(0, 1)
+    if any(v > 0 for v in config.colour.values()):
+        from leukoscope.stain import colour_augment
+
+        x = colour_augment(x, generator, **config.colour)
     return x
