@@ -15,7 +15,8 @@ from leukoscope.train.balance import balanced_epoch, shard
 from leukoscope.train.loop import ThreadTuner, load_checkpoint, stratified_val_split
 
 TINY = dict(model="plain_cnn", input_size=32, epochs=2, per_class=6, batch_size=8, lr=3e-3, threads="1",
-            workers=1, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.1})
+            workers=1, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.1},
+            ood_reference=False)  # one validation image per class: too few (tests/test_train_robust.py fits one)
 
 
 def tiny(**kw) -> TrainConfig:

@@ -28,7 +28,7 @@ import pandas as pd
 
 from leukoscope import taxonomy
 from leukoscope.io import atomic_write_csv, atomic_write_json
-from leukoscope.train.loop import TrainConfig, table_fingerprint, train
+from leukoscope.train.loop import TrainConfig, resolve_training_scale, table_fingerprint, train
 
 
 class SmallClassWarning(UserWarning):
@@ -142,9 +142,11 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
     write_split(sp, split_file)
     classes = tuple(c for c in taxonomy.CLASSES if c in set(table["label"]))
     fingerprint = table_fingerprint(table)
+    # the images' µm/px once for all folds (one decoded cache): a red-cell estimate uses no labels
+    table, training_scale = resolve_training_scale(table, cfg.scale, log=log)
     atomic_write_json({**cfg.to_dict(), "folds": len(fold_ids), "split": source, "classes": list(classes),
                        "dropped_classes": dropped, "data_fingerprint": fingerprint,
-                       "n_images": int(len(table))}, out / "config.json")
+                       "n_images": int(len(table)), "training_scale": training_scale}, out / "config.json")
     log(f"cross-validation: {len(table)} images, {len(classes)} classes, {len(fold_ids)} folds; split {source}")
 
     # ---- images decoded once for all folds
@@ -168,7 +170,8 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
                 log(f"  skipped {e['path']}: {e['reason']}")
         log(f"fold {k}: training on folds != {k}")
         t0 = time.time()
-        res = train(table[table["fold"] != k], fold_dir, cfg, cache=cache, progress=progress, log=log)
+        res = train(table[table["fold"] != k], fold_dir, cfg, cache=cache, progress=progress, log=log,
+                    training_scale=training_scale)
         test = table[(table["fold"] == k) & table["path"].isin(set(cache.paths))]
         bundle = load_bundle(res.bundle_path)
         import torch

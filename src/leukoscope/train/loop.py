@@ -11,6 +11,13 @@ its metadata), ``config.json`` (effective config), ``log.csv`` (one row per epoc
 and, while training, ``checkpoint.pt`` (written atomically every epoch; a run that
 finds it resumes from it; removed when the bundle is written). A run whose bundle
 exists is not retrained.
+
+Besides the weights, the bundle records the physical scale of the training images
+(``meta["training_scale"]``: the table's µm/px, or with ``scale="estimate"`` the
+red-cell estimate per source, :func:`resolve_training_scale`) and, unless
+``ood_reference=False``, the out-of-distribution reference fitted on the run's own
+validation images (``meta["reference"]``, :func:`leukoscope.evaluate.external.fit_reference`),
+so that ``leukoscope evaluate`` warns about shifted sources without an extra step.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ from leukoscope.models.registry import get_config
 
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_acc", "lr", "images_per_s", "seconds"]
 #: Config fields that do not change what is learned (free to differ on resume).
-_RUNTIME_FIELDS = {"workers", "progress", "device", "threads"}
+_RUNTIME_FIELDS = {"workers", "progress", "device", "threads", "ood_reference"}
+#: Values of ``TrainConfig.scale``: where the training images' µm/px comes from.
+SCALE_MODES = ("stated", "estimate")
+#: The OOD reference is fitted on at most this many validation images (stratified sample): it
+#: wants ~10 per feature dimension (32) and costs ~20-45 ms an image on a CPU (decode, colour, forward).
+OOD_REFERENCE_MAX_IMAGES = 500
 
 
 @dataclass
@@ -59,7 +71,12 @@ class TrainConfig:
     flip: bool = True
     brightness: float = 0.0
     contrast: float = 0.0
-    stain_jitter: float = 0.0
+    stain_jitter: float = 0.0           # HED stain jitter sigma (= bias), leukoscope.stain.hed_jitter
+    saturation: float = 0.0             # colour jitter after the stain jitter (leukoscope.stain.colour_augment):
+    gamma: float = 0.0                  #   saturation factor in [1-s, 1+s], log gamma in [-g, g],
+    blur: float = 0.0                   #   Gaussian blur sigma up to this many px; 0 = off
+    scale: str = "stated"               # training images' µm/px: stated (table, else resize) | estimate (red cells)
+    ood_reference: bool = True          # fit the OOD reference on the validation images into the bundle
     bf16: str = "auto"                  # auto (the model's measured default) | on | off  (CPU only)
     channels_last: str = "auto"
     device: str = "auto"
@@ -74,6 +91,8 @@ class TrainConfig:
         c.input_size = mc.input_size
         if c.um_per_px is None:
             c.um_per_px = mc.um_per_px
+        if c.scale not in SCALE_MODES:
+            raise ValueError(f"scale must be one of {', '.join(SCALE_MODES)}, got {c.scale!r}")
         return c
 
     def to_dict(self) -> dict:
@@ -206,8 +225,66 @@ def _flag(value, default: bool) -> bool:
 
 
 def _config_diff(a: dict, b: dict) -> list[str]:
+    """Differences that matter between two configs; a field an older config lacks counts as its default."""
+    defaults = TrainConfig().to_dict()
+    a = {**{k: v for k, v in defaults.items() if k not in a}, **a}
+    b = {**{k: v for k, v in defaults.items() if k not in b}, **b}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in _RUNTIME_FIELDS and a.get(k) != b.get(k)]
+
+
+def _finite_or_none(v):
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def resolve_training_scale(table: pd.DataFrame, scale: str = "stated", *,
+                           log: Callable[[str], None] = print) -> tuple[pd.DataFrame, dict]:
+    """``(table, record)``: the training table with the µm/px of its images, and what the bundle records.
+
+    ``scale="stated"``: the table's ``um_per_px`` where the reader gave one; other images
+    are resized to the model input as they are (no physical scale).
+    ``scale="estimate"``: where the table gives no µm/px, it is estimated from the red
+    cells (:func:`leukoscope.scale_estimate.resolve_um_per_px`), pooled over up to 40
+    images per ``source`` (one pool when the table has no ``source`` column). An
+    implausible estimate (too few red cells, outside 0.03-0.5 µm/px) is not used: those
+    images are resized as with ``"stated"``, and a warning says so.
+
+    ``record``: ``{"scale", "sources": {source: {"um_per_px", "origin", "n_images"}},
+    "estimates": {source: ScaleEstimate as a dict}, "warnings"}``.
+    """
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale must be one of {', '.join(SCALE_MODES)}, got {scale!r}")
+    table = table.reset_index(drop=True)
+    record: dict = {"scale": scale, "sources": {}, "estimates": {}, "warnings": []}
+    um = np.full(len(table), np.nan)
+    if "um_per_px" in table:
+        um = pd.to_numeric(table["um_per_px"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+    origin = np.where(np.isfinite(um) & (um > 0), "table", "unknown")
+    if scale == "estimate":
+        from leukoscope.scale_estimate import resolve_um_per_px
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rs = resolve_um_per_px(table, estimate="group", group_col="source")
+        record["warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        table = table.copy()
+        table["um_per_px"] = um = rs.um_per_px
+        origin = rs.origin
+        for g, e in rs.estimates.items():
+            record["estimates"][g] = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in e.items()}
+            if e["plausible"]:
+                log(f"scale of source {g!r}: estimated {e['um_per_px']:.4f} µm/px from {e['n_rbc']} red cells "
+                    f"in {e['n_images']} images")
+        for w in record["warnings"]:
+            warnings.warn(w, RuntimeWarning, stacklevel=3)
+            log(f"warning: {w}")
+    groups = table["source"].astype(str).to_numpy() if "source" in table else np.array(["all"] * len(table))
+    for g in pd.unique(groups):
+        sel = groups == g
+        known = um[sel][np.isfinite(um[sel])]
+        record["sources"][str(g)] = {"um_per_px": float(np.median(known)) if len(known) else None,
+                                     "origin": sorted(set(origin[sel].tolist())), "n_images": int(sel.sum())}
+    return table, record
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -270,17 +347,56 @@ class ThreadTuner:
         self.k += 1
 
 
+def reference_sample(table: pd.DataFrame, max_images: int, seed: int = 0) -> pd.DataFrame:
+    """``table`` itself, or a class-stratified random sample of about ``max_images`` of its rows (in table order)."""
+    if len(table) <= max_images:
+        return table
+    return table.groupby("label", group_keys=False).sample(frac=max_images / len(table), random_state=seed).sort_index()
+
+
+def _fit_ood_reference(model, meta: dict, bundle_path: Path, val_table: pd.DataFrame, device,
+                       log: Callable[[str], None], seed: int = 0) -> dict | None:
+    """The OOD reference of the trained model on its validation images, or ``None`` with a warning.
+
+    At most :data:`OOD_REFERENCE_MAX_IMAGES` images (a stratified sample), brought to the
+    model as in training (the table's µm/px, nothing re-estimated). Any failure (e.g.
+    fewer than 10 validation images) is reported and the run goes on: the bundle is
+    already written.
+    """
+    from leukoscope.evaluate.external import fit_reference
+    from leukoscope.models.bundle import ModelBundle
+
+    t0 = time.time()
+    val_table = reference_sample(val_table, OOD_REFERENCE_MAX_IMAGES, seed)
+    try:
+        bundle = ModelBundle(model, meta, path=str(bundle_path), device=str(device))
+        ref = fit_reference(bundle, val_table, estimate_scale="off")
+    except Exception as exc:  # noqa: BLE001  (the reference is optional; the model is saved)
+        msg = (f"no out-of-distribution reference stored in {bundle_path}: fitting it on the {len(val_table)} "
+               f"validation images failed ({type(exc).__name__}: {exc}); 'leukoscope evaluate --fit-reference "
+               "DATA' can add one later")
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        log(f"warning: {msg}")
+        return None
+    log(f"out-of-distribution reference: {ref['n']} validation images, {ref['dims']} feature dimensions "
+        f"({time.time() - t0:.1f}s)")
+    return ref
+
+
 # --------------------------------------------------------------------------- train
 
 
 def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | None = None, *,
           cache=None, progress: bool = True, log: Callable[[str], None] = print,
           on_epoch_end: Callable[[int, dict], None] | None = None, resume: bool = True,
-          data_fingerprint: str | None = None) -> TrainResult:
-    """Train one model on ``table`` (``path``, ``label`` [, ``um_per_px``]) into folder ``out``.
+          data_fingerprint: str | None = None, training_scale: dict | None = None) -> TrainResult:
+    """Train one model on ``table`` (``path``, ``label`` [, ``um_per_px``, ``source``]) into folder ``out``.
 
-    The validation split (for early stopping and temperature scaling) is taken from
-    ``table`` itself, stratified. Pass a prebuilt :class:`~leukoscope.train.cache.ImageCache`
+    The validation split (for early stopping, temperature scaling and the OOD reference)
+    is taken from ``table`` itself, stratified. The images' µm/px follows ``config.scale``
+    (:func:`resolve_training_scale`); a caller that resolved it already passes the table
+    with ``um_per_px`` filled in and the record as ``training_scale`` (cross-validation
+    does, once for all folds). Pass a prebuilt :class:`~leukoscope.train.cache.ImageCache`
     to share decoded images across runs (cross-validation does). ``on_epoch_end(epoch, row)``
     is called after each epoch's checkpoint is on disk.
     """
@@ -317,8 +433,11 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
         raise ValueError("no training images")
     classes = classes_of(table["label"])
     cidx = {c: i for i, c in enumerate(classes)}
+    if training_scale is None:
+        table, training_scale = resolve_training_scale(table, cfg.scale, log=log)
     has_scale = "um_per_px" in table and table["um_per_px"].notna().any()
     model_um = cfg.um_per_px if has_scale else None
+    training_scale = {**training_scale, "model_um_per_px": model_um}
 
     # ---- images, decoded once
     if cache is None or not cache.compatible(cfg.input_size, model_um):
@@ -370,7 +489,8 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
         tuner = ThreadTuner(max_threads, enabled=str(cfg.threads) == "auto" and not dist.enabled)
     else:
         tuner = ThreadTuner(torch.get_num_threads(), enabled=False)
-    aug = AugmentConfig(cfg.rotate, cfg.flip, cfg.brightness, cfg.contrast, cfg.stain_jitter)
+    aug = AugmentConfig(rotate=cfg.rotate, flip=cfg.flip, brightness=cfg.brightness, contrast=cfg.contrast,
+                        stain_jitter=cfg.stain_jitter, saturation=cfg.saturation, gamma=cfg.gamma, blur=cfg.blur)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "log": [],
@@ -392,7 +512,8 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
         log(f"resuming {out} after epoch {resumed_from}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json({**cfg.to_dict(), "classes": list(classes)}, out / "config.json")
+        atomic_write_json({**cfg.to_dict(), "classes": list(classes), "training_scale": training_scale},
+                          out / "config.json")
 
     def evaluate_val(bf16: bool | None = None):
         z = forward_logits(model, x_va, mcfg.mean, mcfg.std, batch_size=max(cfg.batch_size, 64), device=device,
@@ -502,9 +623,17 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
         um_per_px=model_um, temperature=temperature, config=cfg.to_dict(),
         fingerprint=data_fingerprint or table_fingerprint(table), metrics=metrics,
         channels_last=use_cl, inference_bf16=infer_bf16, train_counts={c: int(n) for c, n in zip(classes, counts)},
+        training_scale=training_scale,
     )
     if main:
-        save_bundle(model, meta, bundle_path)
+        save_bundle(model, meta, bundle_path)  # on disk first: a failing reference never costs the model
+        if cfg.ood_reference:
+            ref = _fit_ood_reference(model, meta, bundle_path, table.iloc[va_idx], device, log, cfg.seed)
+            if ref is not None:
+                from leukoscope.evaluate.external import REFERENCE_KEY
+
+                meta[REFERENCE_KEY] = ref
+                save_bundle(model, meta, bundle_path)
         atomic_write_json(meta, out / "metadata.json")
         if ckpt_path.exists():
             os.unlink(ckpt_path)
