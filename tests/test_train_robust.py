@@ -111,6 +111,25 @@ def test_robust_preset_is_fast_plus_the_cross_lab_measures():
     assert preset("robust", scale="stated", blur=0.5).blur == 0.5
 
 
+def test_cli_options_reach_the_config():
+    import argparse
+
+    from leukoscope.cli.train import add_train_options, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_train_options(p)
+    cfg = config_from_args(p.parse_args(["d", "--saturation", "0.3", "--gamma", "0.2", "--blur", "1.5",
+                                         "--scale", "estimate", "--stain-jitter", "0.1"]))
+    assert (cfg.saturation, cfg.gamma, cfg.blur, cfg.scale, cfg.stain_jitter, cfg.preset) == \
+        (0.3, 0.2, 1.5, "estimate", 0.1, "fast")
+    cfg = config_from_args(p.parse_args(["d", "--preset", "robust", "--scale", "stated"]))
+    assert cfg.scale == "stated" and cfg.saturation == 0.25
+    with pytest.raises(SystemExit):
+        p.parse_args(["d", "--scale", "guess"])
+    with pytest.raises(ValueError, match="scale must be one of"):
+        tiny(scale="guess").resolved()
+
+
 def test_training_with_colour_jitter_records_it(cells, tmp_path):
     res = train(cells.table, tmp_path / "run", tiny(stain_jitter=0.1, saturation=0.25, gamma=0.25, blur=1.0,
                                                      ood_reference=False), progress=False, log=quiet)

@@ -16,7 +16,10 @@ DESCRIPTION = (
     "scaling. A checkpoint is written every epoch; running the same command again resumes an interrupted "
     "run, and a finished run is not retrained.\n\n"
     "presets: paper = ResNeXt-50 32x4d from scratch at 400 px, ~10,000 images/class/epoch (a GPU job); "
-    "fast = the CPU preset of docs/fast_preset.md.\n"
+    "fast = the CPU preset of docs/fast_preset.md; robust = fast plus the cross-lab measures of "
+    "docs/robustness.md (--scale estimate, --stain-jitter 0.1, --saturation 0.25, --gamma 0.25, --blur 1).\n"
+    "The bundle records the training images' µm/px and, fitted on the validation images, the "
+    "out-of-distribution reference that 'leukoscope evaluate' compares other sources with.\n"
     "Multi-GPU: torchrun --nproc_per_node N -m leukoscope train ..."
 )
 
@@ -44,9 +47,25 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--val-fraction", type=float)
     o.add_argument("--workers", type=int, help="threads decoding images")
     o.add_argument("--stain-jitter", type=float, nargs="?", const=0.05, metavar="SIGMA",
-                   help="HED stain jitter (leukoscope.stain); off in the paper preset; default sigma 0.05")
+                   help="HED stain jitter (leukoscope.stain): sigma of each stain's scale and shift; off in the "
+                        "paper and fast presets, 0.1 in robust; the option without a value: 0.05")
     o.add_argument("--brightness", type=float, metavar="B", help="brightness jitter, factor in [1-B, 1+B]")
     o.add_argument("--contrast", type=float, metavar="C", help="contrast jitter, factor in [1-C, 1+C]")
+    o.add_argument("--saturation", type=float, metavar="S",
+                   help="saturation jitter after the stain jitter: each image blended with its grey version, "
+                        "factor in [1-S, 1+S] (0 = off; robust preset 0.25)")
+    o.add_argument("--gamma", type=float, metavar="G",
+                   help="tone-curve jitter: pixel values raised to a gamma with log(gamma) in [-G, G] "
+                        "(0 = off; robust preset 0.25)")
+    o.add_argument("--blur", type=float, metavar="PX",
+                   help="defocus jitter: each image blurred with probability 1/2 by a Gaussian of sigma drawn from [0, PX] "
+                        "pixels of the "
+                        "model input (0 = off; robust preset 1)")
+    o.add_argument("--scale", choices=("stated", "estimate"),
+                   help="µm/px of the training images: 'stated' (fast and paper presets) uses the dataset's um_per_px where it "
+                        "gives one and otherwise resizes each image to the input as it is; 'estimate' estimates "
+                        "µm/px from the red cells (pooled per source) where the dataset gives none, so that cells "
+                        "have the model's physical size (robust preset); an implausible estimate is not used (warning)")
     o.add_argument("--label-smoothing", type=float)
     o.add_argument("--bf16", choices=("auto", "on", "off"), help="bf16 autocast on CPU (auto: measured default)")
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: auto)")
@@ -60,7 +79,8 @@ def config_from_args(args: argparse.Namespace):
 
     overrides = {k: getattr(args, k, None) for k in (
         "epochs", "per_class", "batch_size", "input_size", "um_per_px", "seed", "lr", "weight_decay", "patience",
-        "val_fraction", "workers", "stain_jitter", "brightness", "contrast", "label_smoothing", "bf16", "device")}
+        "val_fraction", "workers", "stain_jitter", "brightness", "contrast", "saturation", "gamma", "blur", "scale",
+        "label_smoothing", "bf16", "device")}
     if args.model:
         from leukoscope.models.registry import get_config
 
