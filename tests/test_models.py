@@ -121,3 +121,38 @@ def test_onnx_export_matches_pytorch(tmp_path):
     assert check["same_predictions"] and check["max_abs_diff"] < 1e-3
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(props["leukoscope"])["classes"] == ["LYT", "MOB", "MYO", "NGS"]
+
+
+def test_bf16_bundle_reruns_near_ties_in_fp32(tmp_path):
+    """bf16 bundles: images whose top-two probabilities lie within the guard get fp32's answer exactly."""
+    model, meta, _ = _bundle(tmp_path)
+    imgs = np.random.default_rng(0).integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
+    fp32 = load_bundle(save_bundle(model, {**meta, "inference_bf16": False}, tmp_path / "a.safetensors"))
+    want = fp32.logits(torch.from_numpy(imgs))
+    # a guard of 1 covers every image: all re-run in fp32, logits identical to the fp32 bundle's
+    every = load_bundle(save_bundle(model, {**meta, "inference_bf16": True, "bf16_guard": 1.0},
+                                    tmp_path / "b.safetensors"))
+    assert torch.equal(every.logits(torch.from_numpy(imgs)), want) and every.last_fp32_rechecked == len(imgs)
+    assert torch.equal(every.logits(imgs), want)  # numpy input takes the same path
+    # a guard of 0 re-runs nothing: plain bf16, which differs from fp32
+    none = load_bundle(save_bundle(model, {**meta, "inference_bf16": True, "bf16_guard": 0.0},
+                                   tmp_path / "c.safetensors"))
+    z16 = none.logits(imgs)
+    assert none.last_fp32_rechecked == 0 and not torch.equal(z16, want)
+    assert (z16 - want).abs().max() < 0.1  # bf16 is close, but not the same
+
+
+def test_bf16_check_decides_from_validation_logits():
+    from leukoscope.models.bundle import bf16_check
+
+    g = torch.Generator().manual_seed(0)
+    z32 = torch.randn(200, 5, generator=g) * 4
+    # bf16-like error: every probability shift below 0.005, so clear calls never flip
+    z16 = z32 + torch.randn(200, 5, generator=g) * 0.01
+    r = bf16_check(z32, z16)
+    assert r["max_abs_prob_diff"] < 0.01 and r["bf16_guard"] == pytest.approx(max(0.01, 4 * r["max_abs_prob_diff"]))
+    assert r["agreement_with_recheck"] == 1.0 and r["recheck_fraction"] < 0.25 and r["inference_bf16"]
+    # a near-flat model (every call a near-tie): re-running most of it in fp32 would not pay
+    flat = bf16_check(z32 * 0.001, z32 * 0.001 + torch.randn(200, 5, generator=g) * 0.01)
+    assert not flat["inference_bf16"] and flat["recheck_fraction"] > 0.25 and "would not pay" in flat["reason"]
+    assert not bf16_check(torch.zeros(0, 5), torch.zeros(0, 5))["inference_bf16"]

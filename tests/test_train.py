@@ -153,6 +153,10 @@ def test_train_writes_bundle_config_log_and_metadata(cells, tmp_path):
     assert b.meta["config"]["model_kwargs"]["widths"] == [8, 16]
     assert b.meta["fingerprint"] and "not for diagnostic use" in b.meta["intended_use"]
     assert b.meta["um_per_px"] is not None  # LMU-layout data has a known scale
+    # bf16 inference decided on the validation images: the guard and the evidence are recorded
+    chk = b.meta["bf16_check"]
+    assert b.meta["bf16_guard"] == chk["bf16_guard"] >= 0.01 and chk["n"] == b.meta["metrics"]["n_val"]
+    assert b.meta["inference_bf16"] == (chk["inference_bf16"] and chk["max_abs_prob_diff"] < 0.02)
     # a finished run is not retrained
     again = train(cells.table, out, tiny(), progress=False, log=lambda s: None)
     assert again.reused

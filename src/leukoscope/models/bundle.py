@@ -85,6 +85,53 @@ def forward_logits(model, x_uint8, mean, std, *, batch_size: int = 64, device="c
     return torch.cat(outs)
 
 
+#: Top-two probability margin below which a bf16 call is re-run in fp32, for bundles that do not
+#: record their own (``bf16_guard``, measured by :func:`bf16_check` at training time).
+DEFAULT_BF16_GUARD = 0.05
+#: bf16 inference is switched on only when at most this fraction of validation images needs the fp32 re-run.
+MAX_BF16_RECHECK = 0.25
+
+
+def _top2_margin(z):
+    """Difference of the two largest softmax probabilities per row (uncalibrated logits ``z``)."""
+    import torch
+
+    top = torch.softmax(z.double(), 1).topk(min(2, z.shape[1]), dim=1).values
+    return top[:, 0] - (top[:, 1] if top.shape[1] > 1 else 0)
+
+
+def bf16_check(z32, z16, *, safety: float = 2.0, min_guard: float = 0.01,
+               max_recheck: float = MAX_BF16_RECHECK) -> dict:
+    """Decide whether a model may run in bf16 on CPU, from fp32 and bf16 logits of the same images.
+
+    A bf16 call can differ from the fp32 call only where the two largest probabilities lie
+    closer than twice the largest probability shift bf16 causes (``max_abs_prob_diff``). The
+    guard is that bound times ``safety``; images under it are re-run in fp32 by
+    :meth:`ModelBundle.logits`. bf16 is worth it (``inference_bf16``) when the re-run images are at
+    most ``max_recheck`` of the set and, with the re-run, every call equals fp32's.
+    """
+    import torch
+
+    z32, z16 = torch.as_tensor(z32).float(), torch.as_tensor(z16).float()
+    if len(z32) == 0:
+        return {"inference_bf16": False, "bf16_guard": DEFAULT_BF16_GUARD, "reason": "no images to check on"}
+    p32, p16 = torch.softmax(z32.double(), 1), torch.softmax(z16.double(), 1)
+    max_dp = float((p32 - p16).abs().max())
+    guard = max(min_guard, safety * 2 * max_dp)
+    near = _top2_margin(z16) < guard
+    cascade = torch.where(near[:, None], z32, z16)
+    agree = float((cascade.argmax(1) == z32.argmax(1)).float().mean())
+    agree_plain = float((z16.argmax(1) == z32.argmax(1)).float().mean())
+    frac = float(near.float().mean())
+    ok = agree == 1.0 and frac <= max_recheck
+    reason = "" if ok else (f"{frac:.0%} of the images lie within the guard {guard:.3g} of a tie (more than "
+                            f"{max_recheck:.0%}: bf16 would not pay)" if agree == 1.0 else
+                            f"bf16 with fp32 re-runs still changed {1 - agree:.1%} of the calls")
+    return {"inference_bf16": bool(ok), "bf16_guard": float(guard), "n": int(len(z32)),
+            "max_abs_prob_diff": max_dp, "recheck_fraction": frac, "agreement_bf16_alone": agree_plain,
+            "agreement_with_recheck": agree, "reason": reason}
+
+
 # --------------------------------------------------------------------------- the bundle
 
 
@@ -96,6 +143,7 @@ class ModelBundle:
         self.meta = meta
         self.path = path
         self.device = device
+        self.last_fp32_rechecked = 0  # images of the last logits() call re-run in fp32 (bf16 bundles)
 
     # metadata shortcuts
     @property
@@ -145,12 +193,25 @@ class ModelBundle:
         return normalize(self.prepare(images, um_per_px), self.mean, self.std)
 
     def logits(self, images, um_per_px=None, batch_size: int = 64, progress: bool = False):
+        """Logits (float32). On CPU with a bundle whose ``inference_bf16`` is set, the batch runs in bf16
+        and every image whose top-two probabilities lie closer than ``bf16_guard`` is run again in
+        fp32 (:func:`bf16_check`): bf16's speed where the call is clear, fp32's answer where it is close.
+        ``self.last_fp32_rechecked`` counts the images of the last call that were run again."""
         import torch
 
         x = images if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8) else self.prepare(images, um_per_px)
-        return forward_logits(self.model, x, self.mean, self.std, batch_size=batch_size, device=self.device,
-                              bf16=bool(self.meta.get("inference_bf16")) and self.device == "cpu",
-                              channels_last=True, progress=progress)
+        bf16 = bool(self.meta.get("inference_bf16")) and self.device == "cpu"
+        z = forward_logits(self.model, x, self.mean, self.std, batch_size=batch_size, device=self.device,
+                           bf16=bf16, channels_last=True, progress=progress)
+        self.last_fp32_rechecked = 0
+        if bf16 and z.numel():
+            near = torch.nonzero(_top2_margin(z) < float(self.meta.get("bf16_guard", DEFAULT_BF16_GUARD)))[:, 0]
+            if len(near):
+                z[near] = forward_logits(self.model, x[near.numpy()] if isinstance(x, np.ndarray) else x[near],
+                                         self.mean, self.std, batch_size=batch_size, device=self.device,
+                                         bf16=False, channels_last=True)
+                self.last_fp32_rechecked = int(len(near))
+        return z
 
     def predict_proba(self, images, um_per_px=None, batch_size: int = 64, calibrated: bool = True,
                       progress: bool = False) -> np.ndarray:

@@ -604,16 +604,17 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
     # ---- best model, calibration, bundle
     if state["best_model"] is not None:
         model.load_state_dict(state["best_model"])
-    temperature, metrics, infer_bf16 = 1.0, {}, False
+    temperature, metrics, infer_bf16, bf16_info = 1.0, {}, False, {}
     if len(va_idx):
         z_va = evaluate_val()
         temperature = fit_temperature(z_va, y_va)
         metrics = {f"val_{k}": v for k, v in _metrics(z_va, y_va, classes, temperature).items()}
-        if on_cpu:  # bf16 inference only where it gives the same predictions as fp32
-            z32 = evaluate_val(bf16=False)
-            z16 = evaluate_val(bf16=True)
-            p32, p16 = torch.softmax(z32, 1), torch.softmax(z16, 1)
-            infer_bf16 = bool((z32.argmax(1) == z16.argmax(1)).all() and (p32 - p16).abs().max() < 0.02)
+        if on_cpu:  # bf16 inference only where, with near-ties re-run in fp32, it gives fp32's predictions
+            from leukoscope.models.bundle import bf16_check
+
+            check = bf16_check(evaluate_val(bf16=False), evaluate_val(bf16=True))
+            infer_bf16 = check["inference_bf16"] and check["max_abs_prob_diff"] < 0.02
+            bf16_info = {"bf16_guard": check["bf16_guard"], "bf16_check": check}
     metrics.update({"best_epoch": int(state["best_epoch"]), "epochs_run": int(state["epoch"]),
                     "stopped_early": bool(stopped_early),
                     "train_seconds": float(sum(r["seconds"] for r in state["log"])),
@@ -623,7 +624,7 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
         um_per_px=model_um, temperature=temperature, config=cfg.to_dict(),
         fingerprint=data_fingerprint or table_fingerprint(table), metrics=metrics,
         channels_last=use_cl, inference_bf16=infer_bf16, train_counts={c: int(n) for c, n in zip(classes, counts)},
-        training_scale=training_scale,
+        training_scale=training_scale, **bf16_info,
     )
     if main:
         save_bundle(model, meta, bundle_path)  # on disk first: a failing reference never costs the model
