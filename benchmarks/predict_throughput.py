@@ -3,12 +3,21 @@
     python benchmarks/predict_throughput.py                      # ResNeXt-50 at 400x400, batch 8
     python benchmarks/predict_throughput.py --images 256         # agreement over more images (slower)
     python benchmarks/predict_throughput.py --smoke              # plain_cnn at 32 px (tests)
+    python benchmarks/predict_throughput.py --bundle runs/resnext400/model.safetensors \
+        --data ../shared/data/pbc --split runs/rob/pbc_split.csv --fold 0 --images 256
+                                     # a trained bundle on held-out real cells (agreement that means something)
 
 The model: the architecture from seed 0 with its BatchNorm statistics re-estimated on 8 of the
 images (train-mode forward passes, no gradient) and its head's bias centred on their features,
 then in eval mode and saved as a LeukoScope bundle. Trained nothing, but unlike raw random
-weights its argmax varies from image to image, so class agreement means something; the table
-reports how many distinct classes it predicts and the median top-1/top-2 margin.
+weights its argmax varies from image to image; the table reports how many distinct classes it
+predicts and the median top-1/top-2 margin. Its probabilities are nearly flat, so bf16 flips
+many calls: with ``--bundle`` a trained model is measured instead (``benchmarks/trained_resnext.py``
+makes one), on the images of ``--data`` (``--split``/``--fold``: the held-out fold only).
+
+Whether bf16 may be used, and its guard (top-two margin under which a call is re-run in fp32),
+come from :func:`leukoscope.models.bundle.bf16_check` on calibration images that are not timed
+(as training decides it on its validation images), unless the trained bundle records them.
 
 Ways (each in its own process, driven in turn by this one, same images, same batch size):
 
@@ -16,8 +25,9 @@ Ways (each in its own process, driven in turn by this one, same images, same bat
   ``ToTensor``/``Normalize``-style float NCHW batches, fp32, eager, glibc malloc.
 * ``ours``: ``load_bundle(...).predict_proba(uint8 batch)``, the path of ``leukoscope predict``
   and ``screen``, under tcmalloc as the ``leukoscope`` command runs it. The bundle says
-  ``inference_bf16: true``, as training writes when bf16 reproduces the fp32 predictions on the
-  validation set (``--bf16 off``: fp32 bundle).
+  ``inference_bf16: true`` with the guard of ``bf16_check`` (near-ties re-run in fp32; the table's
+  ``rechecked`` column counts them), whatever the check concluded, to show what bf16 costs and
+  gives (``--bf16 off``: fp32 bundle); ``bf16_check`` says whether training would switch it on.
 * ``ours_fp32``: the same path with a bundle that says ``inference_bf16: false``.
 * ``onnx``: ``leukoscope.models.export.export_onnx`` then onnxruntime (CPU provider, default
   graph optimisations = all), fp32; export time reported apart.
@@ -90,13 +100,62 @@ def make_bundle(model_name: str, size: int, calib: np.ndarray, path: Path, bf16:
         head.bias -= (feats[0] @ head.weight.T).mean(0)
     meta = make_meta(classes=taxonomy.CLASSES, model=model_name, input_size=size, mean=cfg.mean, std=cfg.std,
                      um_per_px=cfg.um_per_px, temperature=1.0, channels_last=True, inference_bf16=bf16)
-    save_bundle(model, meta, path)
+    seconds = time.perf_counter() - t0
+    return {"calibration_seconds": seconds, **write_bundles(model, meta, calib, path, bf16, path_fp32)}
+
+
+def write_bundles(model, meta: dict, calib, path: Path, bf16: bool, path_fp32: Path | None) -> dict:
+    """Save ``model`` as the bf16 bundle (guard from :func:`bf16_check` on ``calib`` unless ``meta`` has one)
+    and the fp32 bundle; returns the check."""
+    import torch
+
+    from leukoscope.models.bundle import bf16_check, forward_logits, save_bundle
+
+    check = {}
+    if bf16 and "bf16_guard" not in meta:
+        x = torch.as_tensor(calib)
+        z32 = forward_logits(model, x, meta["mean"], meta["std"], batch_size=8, bf16=False)
+        z16 = forward_logits(model, x, meta["mean"], meta["std"], batch_size=8, bf16=True)
+        check = bf16_check(z32, z16)
+        meta = {**meta, "bf16_guard": check["bf16_guard"]}
+    elif "bf16_guard" in meta:
+        check = {"bf16_guard": meta["bf16_guard"], "from": "the bundle"}
+    save_bundle(model, {**meta, "inference_bf16": bf16}, path)
     if path_fp32 is not None:
         save_bundle(model, {**meta, "inference_bf16": False}, path_fp32)
-    return {"calibration_seconds": time.perf_counter() - t0}
+    return {"bf16_check": check}
+
+
+def trained_bundles(src: str, calib, path: Path, bf16: bool, path_fp32: Path) -> dict:
+    """A trained bundle, re-saved as the bf16 and the fp32 bundle of the benchmark."""
+    from leukoscope.models.bundle import load_bundle
+
+    b = load_bundle(src)
+    meta = {k: v for k, v in b.meta.items() if k not in ("inference_bf16",)}
+    return write_bundles(b.model, meta, calib, path, bf16, path_fp32)
+
+
+def data_images(args, n: int) -> tuple[list[str], str]:
+    """``n`` image paths of ``--data`` (only ``--fold`` of ``--split`` when given), classes interleaved, seeded."""
+    from leukoscope.data import read_dataset, read_split
+
+    table = read_dataset(args.data).table
+    note = f"{args.data}"
+    if args.split:
+        sp = read_split(args.split)
+        keep = set(sp.loc[sp["fold"] == args.fold, "path"].astype(str))
+        table = table[table["path"].astype(str).isin(keep)]
+        note += f" (fold {args.fold} of {args.split}, not trained on)"
+    table = table.sample(frac=1.0, random_state=0)
+    table = table.assign(_r=table.groupby("label").cumcount()).sort_values(["_r", "label"], kind="stable")
+    paths = table["path"].astype(str).tolist()[:n]
+    return paths, f"{len(paths)} images of {note}"
 
 
 # --------------------------------------------------------------------------- workers
+
+
+holder_rechecked: list[int] = []  # images re-run in fp32 per call (bf16 bundles), read by worker_main
 
 
 def _setup(role: str, cfg: dict):
@@ -135,7 +194,9 @@ def _setup(role: str, cfg: dict):
             bundle.model = torch.compile(bundle.model)
 
         def probs(x):
-            return bundle.predict_proba(torch.from_numpy(x), batch_size=bs)
+            p = bundle.predict_proba(torch.from_numpy(x), batch_size=bs)
+            holder_rechecked.append(bundle.last_fp32_rechecked)
+            return p
 
         info.update(bf16=bool(bundle.meta.get("inference_bf16")), channels_last=bool(bundle.meta.get("channels_last")))
     elif role == "onnx":
@@ -177,8 +238,9 @@ def worker_main(role: str, cfg: dict) -> int:
     def batch(i: int):
         bs = cfg["batch_size"]
         x = holder["images"][i * bs:(i + 1) * bs]
+        holder_rechecked.clear()
         sec, p = C.timed(lambda: holder["probs"](x))
-        return {"seconds": sec, "probs": np.asarray(p, dtype=np.float64).tolist()}
+        return {"seconds": sec, "probs": np.asarray(p, dtype=np.float64).tolist(), "rechecked": sum(holder_rechecked)}
 
     return C.serve(setup, {"batch": batch})
 
@@ -198,25 +260,42 @@ def run(args) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="leukoscope_bench_predict_"))
     n_img = max(args.images, args.rounds * args.batch_size, args.batch_size)
-    paths, _, source = C.image_source(n_img, synthetic=args.synthetic, tmp=str(tmp))
-    paths = paths[:n_img]
+    n_calib = 8 if not args.bundle else args.calib
+    if args.bundle:  # a trained model: its own name and input size
+        from leukoscope.models.bundle import read_meta
+
+        meta = read_meta(args.bundle)
+        args.model, args.input_size = meta["model"], int(meta["input_size"])
+    if args.data:
+        paths, source = data_images(args, n_img + n_calib)
+    else:
+        paths, _, source = C.image_source(n_img + (n_calib if args.bundle else 0), synthetic=args.synthetic,
+                                          tmp=str(tmp))
     t0 = time.perf_counter()
-    images = prepare_images(paths, args.input_size)
-    np.save(tmp / "images.npy", images)
+    images = prepare_images(paths[:n_img + n_calib], args.input_size)
     prep_s = time.perf_counter() - t0
-    calib = torch.from_numpy(images[:min(8, len(images))])
+    if args.bundle:  # calibration images apart from the timed ones (as training checks on validation images)
+        calib, images = images[n_img:], images[:n_img]
+    else:
+        images = images[:n_img]
+        calib = images[:min(n_calib, len(images))]
+    np.save(tmp / "images.npy", images)
     bf16_cpu = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     from leukoscope.models.registry import get_config
 
     use_bf16 = {"on": True, "off": False}.get(args.bf16, get_config(args.model).cpu_bf16 and bf16_cpu)
-    made = make_bundle(args.model, args.input_size, calib, tmp / "model.safetensors", use_bf16,
-                       tmp / "model_fp32.safetensors")
+    if args.bundle:
+        made = trained_bundles(args.bundle, calib, tmp / "model.safetensors", use_bf16, tmp / "model_fp32.safetensors")
+    else:
+        made = make_bundle(args.model, args.input_size, torch.from_numpy(calib), tmp / "model.safetensors", use_bf16,
+                           tmp / "model_fp32.safetensors")
     cfg = {"images": str(tmp / "images.npy"), "bundle": str(tmp / "model.safetensors"),
            "bundle_fp32": str(tmp / "model_fp32.safetensors"), "batch_size": args.batch_size}
     n_batches = -(-len(images) // args.batch_size)
     script = Path(__file__).resolve()
     ways = [w for w in (WAYS if args.compile else DEFAULT_WAYS) if w not in args.skip]
     workers, times, probs = {}, {w: [] for w in ways}, {w: [] for w in ways}
+    rechecked = {w: 0 for w in ways}
     try:
         for w in ways:
             workers[w] = C.Worker(script, w, cfg, tcmalloc=(w != "naive" and not args.no_tcmalloc))
@@ -229,6 +308,7 @@ def run(args) -> dict:
                 if r < args.rounds:
                     times[w].append(out["seconds"])
                 probs[w].append(np.array(out["probs"]))
+                rechecked[w] += int(out.get("rechecked", 0))
                 if args.verbose:
                     print(f"  batch {r} {w}: {out['seconds']:.2f}s", file=sys.stderr)
         infos = {w: workers[w].info for w in ways}
@@ -250,6 +330,7 @@ def run(args) -> dict:
         rows[w] = {"way": w, "cells_per_s": cps, "median_batch_s": med, "bf16": bf16,
                    "channels_last": infos[w]["channels_last"], "tcmalloc": infos[w]["tcmalloc"],
                    "threads": infos[w]["threads"], "achieved_gflops": achieved * 1000,
+                   "rechecked": f"{rechecked[w]}/{len(probs[w])}" if infos[w]["bf16"] else "",
                    "util_fp32_peak": achieved / peak["fp32_tflops"],
                    "util_own_peak": achieved / peak["bf16_tflops" if bf16 else "fp32_tflops"],
                    "batch_seconds": times[w]}
@@ -268,7 +349,7 @@ def run(args) -> dict:
     cpu = C.cpu_info()
     res = {
         "benchmark": "predict_throughput", "model": args.model, "input_size": args.input_size,
-        "batch_size": args.batch_size, "rounds": args.rounds, "images": source, "n_images": int(len(images)),
+        "batch_size": args.batch_size, "rounds": args.rounds, "images": source, "n_images": int(len(images)), "bundle": args.bundle,
         "prepare_seconds": prep_s, "cpu": cpu, "peak": peak, "torch": torch.__version__,
         "forward_gflops_per_image": fwd / 1e9, **made,
         "ways": rows, "naive": rows.get("naive"), "ours": rows.get("ours"),
@@ -284,7 +365,8 @@ def run(args) -> dict:
 
 
 def report(res: dict) -> str:
-    cols = ["way", "cells_per_s", "ratio", "agree_naive", "n_agree_naive", "max_dp_naive", "bf16", "channels_last",
+    cols = ["way", "cells_per_s", "ratio", "agree_naive", "n_agree_naive", "max_dp_naive", "bf16", "rechecked",
+            "channels_last",
             "tcmalloc", "threads", "achieved_gflops", "util_fp32_peak", "util_own_peak"]
     a = res["agreement"]
     lines = [f"inference throughput: {res['model']} at {res['input_size']}px, batch {res['batch_size']}, "
@@ -297,6 +379,12 @@ def report(res: dict) -> str:
              f"class agreement {a.get('agreement', float('nan')):.4f}, max |dp| {a.get('max_abs_prob_diff', float('nan')):.3g}; "
              f"the model predicts {res['distinct_classes_predicted']} distinct classes, median top-1/top-2 margin "
              f"{res['median_top1_top2_margin']:.3g}"]
+    chk = res.get("bf16_check") or {}
+    if "recheck_fraction" in chk:
+        lines.append(f"bf16 check on {chk['n']} calibration images (not timed): max |dp| {chk['max_abs_prob_diff']:.3g}, "
+                     f"guard {chk['bf16_guard']:.3g}, {chk['recheck_fraction']:.0%} re-run in fp32, agreement "
+                     f"{chk['agreement_bf16_alone']:.3f} bf16 alone / {chk['agreement_with_recheck']:.3f} with re-runs; "
+                     f"training would {'switch bf16 on' if chk['inference_bf16'] else 'keep fp32 (' + chk['reason'] + ')'}")
     if res.get("onnx_export_seconds") is not None:
         lines.append(f"onnx export (once): {res['onnx_export_seconds']:.1f}s")
     if res.get("compile_seconds") is not None:
@@ -313,6 +401,12 @@ def main(argv=None) -> int:
                     help="what the bundle's inference_bf16 says (auto: the model's CPU default where the CPU has bf16)")
     ap.add_argument("--compile", action="store_true", help="add the fp32 torch.compile way (slow to compile)")
     ap.add_argument("--skip", nargs="*", default=[], choices=list(WAYS), help="ways to leave out")
+    ap.add_argument("--bundle", help="a trained bundle instead of the seeded model (its model and input size)")
+    ap.add_argument("--calib", type=int, default=32,
+                    help="with --bundle: images (not timed) for the bf16 check when the bundle has no guard")
+    ap.add_argument("--data", help="images from this dataset (any reader layout) instead of the LMU sample")
+    ap.add_argument("--split", help="with --data: a split file; only the images of --fold are used")
+    ap.add_argument("--fold", type=int, default=0)
     args = C.finish(ap, argv, "tiny settings for tests: plain_cnn at 32 px, 1 round")
     return C.main_flow(args, worker_main, run, report,
                        dict(model="plain_cnn", input_size=32, batch_size=4, rounds=1, images=8))
