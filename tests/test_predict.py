@@ -95,3 +95,36 @@ def test_clear_errors(cells, tmp_path, capsys):
     assert "junk.safetensors is not a LeukoScope model bundle" in capsys.readouterr().err
     assert main(["train", "--list-models"]) == 0
     assert "resnext50_32x4d" in capsys.readouterr().out
+
+
+def test_predict_estimates_the_scale_from_red_cells(run_dir, tmp_path, capsys):
+    """'estimate' (and, for a model trained on estimated scales, the default) measures µm/px per input folder."""
+    from PIL import Image
+
+    from leukoscope.models import load_bundle, save_bundle
+    from leukoscope.predict import predict_paths
+    from leukoscope.synth import make_cell
+
+    um = 0.1  # 29 µm fields drawn at 290 px
+    folder = tmp_path / "other_lab"
+    folder.mkdir()
+    for i, c in enumerate(["LYT", "MOB", "MYO", "NGS"] * 2):
+        Image.fromarray(make_cell(c, seed=i, size=290)).save(folder / f"c{i}.png")
+    b = load_bundle(run_dir)
+    plain = predict_paths(b, [folder])
+    assert plain.scale["origin"].startswith("none")
+    est = predict_paths(b, [folder], um_per_px="estimate")
+    (rec,) = est.scale["estimates"].values()
+    assert rec["plausible"] and rec["um_per_px"] == pytest.approx(um, rel=0.15)
+    # the estimate changes what the model sees (resampled to its scale instead of resized)
+    assert not np.allclose(plain.table.filter(like="prob_").to_numpy(), est.table.filter(like="prob_").to_numpy())
+    given = predict_paths(b, [folder], um_per_px=rec["um_per_px"])
+    assert np.allclose(given.table.filter(like="prob_").to_numpy(), est.table.filter(like="prob_").to_numpy())
+    # a bundle trained with --scale estimate estimates by default
+    trained_est = save_bundle(b.model, {**b.meta, "training_scale": {"scale": "estimate"}}, tmp_path / "m.safetensors")
+    auto = predict_paths(load_bundle(trained_est), [folder])
+    assert auto.scale["origin"].startswith("estimated")
+    assert main(["predict", str(trained_est), str(folder), "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    assert "µm/px from" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["predict", str(trained_est), str(folder), "--out", str(tmp_path / "q.csv"), "--um-per-px", "big"])

@@ -29,6 +29,32 @@ PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
 class PredictResult:
     table: pd.DataFrame                      # path,pred,p_blast,p_atypical,prob_<CLASS>...
     errors: list[dict] = field(default_factory=list)   # [{"path", "reason"}]
+    scale: dict = field(default_factory=dict)          # how the inputs' µm/px was obtained
+
+
+def _trained_on_estimated_scale(bundle) -> bool:
+    return (bundle.meta.get("training_scale") or {}).get("scale") == "estimate"
+
+
+def estimate_input_scale(inputs: Iterable[str | os.PathLike], paths: Sequence[Path]) -> tuple[dict, dict]:
+    """µm/px per image from the red cells, pooled per input (a folder given on the command line is one
+    source; single files are pooled per parent folder): ``({path: µm/px or None}, record)``."""
+    from leukoscope.scale_estimate import resolve_um_per_px
+
+    roots = [Path(i).resolve() for i in inputs if Path(i).is_dir()]
+
+    def source(p: Path) -> str:
+        rp = p.resolve()
+        for r in roots:
+            if rp.is_relative_to(r):
+                return str(r)
+        return str(rp.parent)
+
+    table = pd.DataFrame({"path": [str(p) for p in paths], "source": [source(p) for p in paths]})
+    res = resolve_um_per_px(table, estimate="group")
+    ums = {p: (float(u) if np.isfinite(u) else None) for p, u in zip(table["path"], res.um_per_px)}
+    return ums, {"origin": "estimated from red cells (7.5 µm), pooled per input", "estimates": res.estimates,
+                 "warnings": list(res.warnings)}
 
 
 def predictions_table(paths: Sequence, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
@@ -50,15 +76,27 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return iter_image_paths(inputs)
 
 
-def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float | None = None,
+def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float | str | None = None,
                   batch_size: int = 64, calibrated: bool = True, progress: bool = False,
                   chunk: int = 512) -> PredictResult:
     """Predict every image under ``inputs`` (files or folders) with ``bundle``.
 
     ``um_per_px`` is the scale of the input images when known (then they are resampled to
-    the model's scale); otherwise each image is resized to the model input.
+    the model's scale); ``"estimate"`` measures it from the red cells, pooled per input
+    (:func:`estimate_input_scale`), which is also the default for a model trained on estimated
+    scales (``training_scale.scale == "estimate"``); otherwise each image is resized to the model
+    input.
     """
+    inputs = list(inputs)
     paths = expand_inputs(inputs)
+    scale: dict = {"origin": "given", "um_per_px": um_per_px} if isinstance(um_per_px, (int, float)) else \
+        {"origin": "none: images resized to the model input"}
+    per_path: dict = {}
+    if um_per_px == "estimate" or (um_per_px is None and _trained_on_estimated_scale(bundle)):
+        per_path, scale = estimate_input_scale(inputs, [p for p in paths if Path(p).exists()])
+        um_per_px = None
+    elif isinstance(um_per_px, str):
+        raise ValueError(f"um_per_px must be a number, 'estimate' or None, got {um_per_px!r}")
     errors: list[dict] = []
     good: list[str] = []
     parts: list[np.ndarray] = []
@@ -73,7 +111,7 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
             try:
                 if not Path(p).exists():
                     raise ImageError(p, "file not found")
-                block.append(bundle.prepare([load_rgb(p)], um_per_px)[0])
+                block.append(bundle.prepare([load_rgb(p)], per_path.get(str(p), um_per_px))[0])
                 names.append(str(p))
             except (ImageError, ValueError, OSError) as exc:
                 errors.append({"path": str(p), "reason": getattr(exc, "reason", str(exc))})
@@ -89,4 +127,4 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
     if bar is not None:
         bar.close()
     probs = np.concatenate(parts) if parts else np.zeros((0, len(bundle.classes)))
-    return PredictResult(predictions_table(good, probs, bundle.classes), errors)
+    return PredictResult(predictions_table(good, probs, bundle.classes), errors, scale)

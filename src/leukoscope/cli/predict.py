@@ -9,8 +9,9 @@ HELP = "classify single-cell images with a model bundle; blast and atypical scor
 DESCRIPTION = (
     "Write path,pred,p_blast,p_atypical,prob_<CLASS>... (calibrated probabilities; p_blast = MYO + MOB, "
     "p_atypical = the atypical classes). Folders are searched recursively for images. Unreadable images are "
-    "reported and skipped; they never end the run. With --um-per-px the images are resampled to the model's "
-    "physical scale; otherwise each is resized to the model input."
+    "reported and skipped; they never end the run. With --um-per-px X (or 'estimate', from the red cells; the "
+    "default for a model trained with --scale estimate) the images are resampled to the model's physical scale; "
+    "otherwise each is resized to the model input."
 )
 
 
@@ -18,11 +19,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model bundle (RUN/model.safetensors, or the RUN folder)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", required=True, help="output CSV")
-    p.add_argument("--um-per-px", type=float, metavar="X", help="µm per pixel of the input images, when known")
+    p.add_argument("--um-per-px", type=_um_arg, metavar="X|estimate",
+                   help="µm per pixel of the input images, when known; 'estimate': measure it from the red cells "
+                        "(7.5 µm), pooled per input folder (the default for a model trained with --scale estimate)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--uncalibrated", action="store_true", help="probabilities without temperature scaling")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _um_arg(v: str):
+    if v == "estimate":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of µm per pixel or 'estimate', got {v!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
                         calibrated=not args.uncalibrated, progress=not args.no_progress)
     for e in res.errors:
         print(f"skipped {e['path']}: {e['reason']}")
+    for src, est in (res.scale.get("estimates") or {}).items():
+        print(f"scale of {src}: " + (f"{est['um_per_px']:.4f} µm/px from {est['n_rbc']} red cells in {est['n_images']} images"
+                                     if est.get("plausible") else f"not estimated ({est.get('reason')}): resized"))
     atomic_write_csv(res.table, args.out)
     counts = res.table["pred"].value_counts()
     print(f"wrote {args.out}: {len(res.table)} images" + (f", {len(res.errors)} skipped" if res.errors else "")
