@@ -172,7 +172,8 @@ def _setup(role: str, cfg: dict):
         from leukoscope.models.registry import create_model
 
         meta = read_meta(cfg["bundle"])
-        model = create_model(meta["model"], num_classes=len(meta["classes"]), input_size=meta["input_size"])
+        model = create_model(meta["model"], num_classes=len(meta["classes"]), input_size=meta["input_size"],
+                             **((meta.get("config") or {}).get("model_kwargs") or {}))
         model.load_state_dict(load_file(cfg["bundle"]))
         model.eval()
         norm = T.Normalize(meta["mean"], meta["std"])

@@ -89,3 +89,37 @@ def test_cpu_peak_from_flags():
     assert p["bf16_tflops"] == pytest.approx(2 * p["fp32_tflops"])
     spr = {**zen4, "vendor": "GenuineIntel", "family": "6", "flags": ["avx2", "fma", "avx512f", "amx_bf16"]}
     assert C.cpu_peak(spr)["fp32_tflops"] == pytest.approx(2 * 2.6 * 64 / 1000)
+
+
+def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
+    """trained_resnext.py fine-tunes a run at a larger size; predict_throughput.py --bundle/--data uses it on
+    the held-out fold only, with the bf16 guard from bf16_check on untimed images."""
+    from leukoscope.data import make_split, read_dataset, write_split
+    from leukoscope.synth import write_cells
+    from leukoscope.train import TrainConfig, train
+
+    cells = write_cells(tmp_path / "cells", per_class=12, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
+    table = read_dataset(cells).table
+    split = make_split(table, holdout=0.25, seed=0)
+    write_split(split, tmp_path / "split.csv")
+    train_paths = set(split.loc[split["fold"] != 0, "path"].astype(str))
+    train(table[table["path"].astype(str).isin(train_paths)], tmp_path / "run",
+          TrainConfig(model="plain_cnn", input_size=32, epochs=1, per_class=4, batch_size=8, threads="1", workers=1,
+                      ood_reference=False, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.0}),
+          progress=False, log=lambda s: None)
+    common = ["--data", cells, "--split", tmp_path / "split.csv", "--fold", "0"]
+    out = _run([BENCH / "trained_resnext.py", "--from", tmp_path / "run", "--out", tmp_path / "big", "--size", "40",
+                "--steps", "2", "--batch-size", "4", "--n-check", "6", "--n-bn", "8", "--n-test", "8", *common], tmp_path)
+    assert "held-out balanced accuracy at 40px after 2 steps" in out
+    from leukoscope.models import read_meta
+
+    meta = read_meta(tmp_path / "big" / "model.safetensors")
+    assert meta["input_size"] == 40 and meta["bf16_check"]["n"] == 6 and "fine-tuned 2 steps" in meta["fixture"]
+    _run([BENCH / "predict_throughput.py", "--smoke", "--bundle", tmp_path / "big" / "model.safetensors",
+          "--images", "8", "--calib", "4", "--json", tmp_path / "p.json", *common], tmp_path)
+    res = json.loads((tmp_path / "p.json").read_text())
+    held_out = set(split.loc[split["fold"] == 0, "path"].astype(str))
+    assert res["model"] == "plain_cnn" and res["input_size"] == 40 and res["bundle"].endswith("model.safetensors")
+    assert "fold 0" in res["images"] and res["n_images"] == 8 and len(held_out) == 12
+    assert res["bf16_check"]["bf16_guard"] > 0 and "/" in res["ways"]["ours"]["rechecked"]
+    assert res["ways"]["ours_fp32"]["agree_naive"] == 1.0
