@@ -141,19 +141,11 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None, footn
             _text_panel(ax, title, text)
             return figure_png(fig)
         # no curve to draw, but the examiners' calls are still points in ROC space
-        for i, e in enumerate(pts):
-            ax.plot(e["fpr"], e["tpr"], EXAMINER_MARKERS[i % 2], color=EXAMINER_COLOURS[i % 2], ms=10, mew=2,
-                    label=e["label"])
+        _examiner_points(ax, examiners, legend=True)
         ax.text(0.55, 0.45, "\n".join(textwrap.wrap(text + " Only the examiners' points are shown.", 36)),
                 ha="center", va="center", fontsize=9.5, transform=ax.transAxes,
                 bbox={"boxstyle": "round,pad=0.6", "fc": "#fff7e6", "ec": "#e0a030"})
-        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.set_xlabel("1 − specificity (false-positive rate)")
-        ax.set_ylabel("sensitivity (true-positive rate)")
-        ax.set_title(title)
-        ax.set_aspect("equal")
+        _roc_axes(ax, title)
         _footnote(ax, footnote)
         ax.legend(loc="lower right", fontsize=7.5, framealpha=0.95)
         return figure_png(fig)
@@ -178,19 +170,10 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None, footn
         if np.isfinite(mp.get("sensitivity", np.nan)) and np.isfinite(mp.get("specificity", np.nan)):
             a.plot(1 - mp["specificity"], mp["sensitivity"], "o", mfc="none", mec=MODEL_COLOUR, ms=8, mew=1.5,
                    label="model's class call" if legend else None)
-        for i, e in enumerate(examiners or []):
-            if np.isfinite(e["fpr"]) and np.isfinite(e["tpr"]):
-                a.plot(e["fpr"], e["tpr"], EXAMINER_MARKERS[i % 2], color=EXAMINER_COLOURS[i % 2], ms=10, mew=2,
-                       label=e["label"] if legend else None)
+        _examiner_points(a, examiners or [], legend)
 
     draw(ax, True)
-    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("1 − specificity (false-positive rate)")
-    ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_title(title)
-    ax.set_aspect("equal")
+    _roc_axes(ax, title)
     # the paper's zoom on the top-left corner, where a useful curve and the examiners lie; left out when the
     # curve does not reach that corner (the inset would hide it)
     _footnote(ax, footnote if examiners else None)
@@ -208,6 +191,26 @@ def roc_png(result: dict, title: str, examiners: list[dict] | None = None, footn
     ax.indicate_inset_zoom(ins, edgecolor="grey")
     ax.legend(loc="lower right", fontsize=7.5, framealpha=0.95)
     return figure_png(fig)
+
+
+def _roc_axes(ax, title: str) -> None:
+    """Chance diagonal, unit square, labels and title of a ROC plot."""
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("1 − specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_title(title)
+    ax.set_aspect("equal")
+
+
+def _examiner_points(ax, examiners: list[dict], legend: bool) -> None:
+    """The examiners' calls as the paper's 'x' and '+' (marker by position; undefined points skipped)."""
+    for i, e in enumerate(examiners):
+        if not (np.isfinite(e["fpr"]) and np.isfinite(e["tpr"])):
+            continue
+        ax.plot(e["fpr"], e["tpr"], EXAMINER_MARKERS[i % 2], color=EXAMINER_COLOURS[i % 2], ms=10, mew=2,
+                label=e["label"] if legend else None)
 
 
 def _footnote(ax, text: str | None) -> None:
