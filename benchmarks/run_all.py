@@ -1,10 +1,11 @@
 """Run the CPU benchmarks in sequence and print one summary table (``make bench``).
 
-    python benchmarks/run_all.py [--out benchmarks/results] [--smoke] [--only train predict train_fast]
+    python benchmarks/run_all.py [--out benchmarks/results] [--smoke] [--only train predict train_fast predict_trained]
 
 Each benchmark runs as its own command (the one printed beside its row), writes its JSON into
 ``--out`` and prints its own table; the summary at the end gathers naive, ours, the ratio, class
-agreement and the fraction of the CPU's arithmetic peak. About 12 minutes on a 2-core CPU.
+agreement and the fraction of the CPU's arithmetic peak. About 15 minutes on a 2-core CPU.
+``predict_trained`` needs the fixture of ``trained_resnext.py`` in runs/resnext400bn (skipped, saying so, without it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import _common as C  # noqa: E402
 
@@ -26,7 +28,15 @@ BENCHMARKS = {
     "train_fast": ("train_throughput.py", ["--model", "mobilenet_v3_small", "--input-size", "128",
                                            "--batch-size", "64", "--steps", "5"]),
     "predict": ("predict_throughput.py", []),
+    # the trained fixture of trained_resnext.py on held-out PBC cells: equal predictions can be judged
+    "predict_trained": ("predict_throughput.py", ["--bundle", str(ROOT / "runs" / "resnext400bn" / "model.safetensors"),
+                                                  "--data", str(ROOT.parent / "shared" / "data" / "pbc"),
+                                                  "--split", str(ROOT / "runs" / "rob" / "pbc_split.csv"),
+                                                  "--fold", "0", "--images", "200", "--rounds", "5"]),
 }
+#: what a benchmark needs besides the repository (skipped, with the reason, when absent)
+REQUIRES = {"predict_trained": [ROOT / "runs" / "resnext400bn" / "model.safetensors",
+                                ROOT / "runs" / "rob" / "pbc_split.csv", ROOT.parent / "shared" / "data" / "pbc"]}
 
 
 def summary_rows(results: dict) -> list[dict]:
@@ -69,7 +79,11 @@ def main(argv=None) -> int:
     for name, (script, extra) in BENCHMARKS.items():
         if args.only and name not in args.only:
             continue
-        if args.smoke and name == "train_fast":
+        if args.smoke and name in ("train_fast", "predict_trained"):
+            continue
+        missing = [str(r) for r in REQUIRES.get(name, []) if not r.exists()]
+        if missing:
+            print(f"skipping {name}: {', '.join(missing)} not found (see benchmarks/trained_resnext.py)\n", flush=True)
             continue
         cmd = [sys.executable, str(HERE / script), *extra, *(["--smoke"] if args.smoke else []),
                "--json", str(out / f"{name}.json")]
