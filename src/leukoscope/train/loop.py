@@ -609,7 +609,9 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
         z_va = evaluate_val()
         temperature = fit_temperature(z_va, y_va)
         metrics = {f"val_{k}": v for k, v in _metrics(z_va, y_va, classes, temperature).items()}
-        if on_cpu:  # bf16 inference only where, with near-ties re-run in fp32, it gives fp32's predictions
+        if on_cpu and use_bf16:
+            # bf16 inference for models where bf16 pays on this CPU (as in training: the registry's
+            # cpu_bf16, or --bf16 on), and only where, with near-ties re-run in fp32, it gives fp32's calls
             from leukoscope.models.bundle import bf16_check
 
             check = bf16_check(evaluate_val(bf16=False), evaluate_val(bf16=True))
