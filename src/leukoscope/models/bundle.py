@@ -104,9 +104,12 @@ def bf16_check(z32, z16, *, safety: float = 2.0, min_guard: float = 0.01,
                max_recheck: float = MAX_BF16_RECHECK) -> dict:
     """Decide whether a model may run in bf16 on CPU, from fp32 and bf16 logits of the same images.
 
-    A bf16 call can differ from the fp32 call only where the two largest probabilities lie
-    closer than twice the largest probability shift bf16 causes (``max_abs_prob_diff``). The
-    guard is that bound times ``safety``; images under it are re-run in fp32 by
+    bf16's call ``a`` differs from fp32's only if, for some class ``c``, bf16 moved the gap
+    ``p[a] - p[c]`` by more than bf16's own gap, which is at least its top-two margin. So the
+    quantity to bound is the largest such move over the images (``max_gap_shift``; at most twice
+    the largest single probability shift, ``max_abs_prob_diff``, and usually much less because the
+    two probabilities move together). The guard is that bound times ``safety`` (at least
+    ``min_guard``); images whose bf16 top-two margin is under it are re-run in fp32 by
     :meth:`ModelBundle.logits`. bf16 is worth it (``inference_bf16``) when the re-run images are at
     most ``max_recheck`` of the set and, with the re-run, every call equals fp32's.
     """
@@ -117,7 +120,10 @@ def bf16_check(z32, z16, *, safety: float = 2.0, min_guard: float = 0.01,
         return {"inference_bf16": False, "bf16_guard": DEFAULT_BF16_GUARD, "reason": "no images to check on"}
     p32, p16 = torch.softmax(z32.double(), 1), torch.softmax(z16.double(), 1)
     max_dp = float((p32 - p16).abs().max())
-    guard = max(min_guard, safety * 2 * max_dp)
+    d = p16 - p32
+    a = p16.argmax(1, keepdim=True)
+    max_gap_shift = float((d.gather(1, a) - d).abs().max())
+    guard = max(min_guard, safety * max_gap_shift)
     near = _top2_margin(z16) < guard
     cascade = torch.where(near[:, None], z32, z16)
     agree = float((cascade.argmax(1) == z32.argmax(1)).float().mean())
@@ -128,7 +134,7 @@ def bf16_check(z32, z16, *, safety: float = 2.0, min_guard: float = 0.01,
                             f"{max_recheck:.0%}: bf16 would not pay)" if agree == 1.0 else
                             f"bf16 with fp32 re-runs still changed {1 - agree:.1%} of the calls")
     return {"inference_bf16": bool(ok), "bf16_guard": float(guard), "n": int(len(z32)),
-            "max_abs_prob_diff": max_dp, "recheck_fraction": frac, "agreement_bf16_alone": agree_plain,
+            "max_abs_prob_diff": max_dp, "max_gap_shift": max_gap_shift, "recheck_fraction": frac, "agreement_bf16_alone": agree_plain,
             "agreement_with_recheck": agree, "reason": reason}
 
 
