@@ -134,8 +134,8 @@ def bf16_check(z32, z16, *, safety: float = 2.0, min_guard: float = 0.01,
                             f"{max_recheck:.0%}: bf16 would not pay)" if agree == 1.0 else
                             f"bf16 with fp32 re-runs still changed {1 - agree:.1%} of the calls")
     return {"inference_bf16": bool(ok), "bf16_guard": float(guard), "n": int(len(z32)),
-            "max_abs_prob_diff": max_dp, "max_gap_shift": max_gap_shift, "recheck_fraction": frac, "agreement_bf16_alone": agree_plain,
-            "agreement_with_recheck": agree, "reason": reason}
+            "max_abs_prob_diff": max_dp, "max_gap_shift": max_gap_shift, "recheck_fraction": frac,
+            "agreement_bf16_alone": agree_plain, "agreement_with_recheck": agree, "reason": reason}
 
 
 # --------------------------------------------------------------------------- the bundle
