@@ -99,7 +99,6 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
     model.train()
     model.to(memory_format=torch.channels_last)
-    x_ft = x_ft if a.steps else x_ft[:0]
     t0 = time.perf_counter()
     for step in range(a.steps):
         i = torch.arange(step * a.batch_size, (step + 1) * a.batch_size)
