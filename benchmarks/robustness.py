@@ -2,19 +2,24 @@
 
     python benchmarks/robustness.py train VARIANT...   # one after another, into runs/rob/<variant>
     python benchmarks/robustness.py eval VARIANT...    # -> runs/rob/<variant>/eval_*/ and runs/rob/summary.csv
+    python benchmarks/robustness.py table              # mean ± sd over seeds -> runs/rob/seeds.csv
 
 Training data: ``../shared/data/pbc`` fold 1 of the hold-out split ``runs/rob/pbc_split.csv``
 (``leukoscope split ../shared/data/pbc --holdout 0.2 --seed 0``); fold 0 is the held-out PBC test set.
 Evaluation cells (LMU sample, JHU, Raabin) are never trained or tuned on. The measured variants
 share the model, input size, per-class target, epochs and seed; they differ only in the measures
 below, all of them ``TrainConfig`` fields (``scale="estimate"``: µm/px of the PBC images from their
-red cells; ``stain_jitter``; ``saturation``/``gamma``/``blur``). ``robust_full`` is the ``robust``
-preset at the fast preset's own budget (input size, epochs, images per class).
+red cells; ``stain_jitter``; ``saturation``/``gamma``/``blur``; ``white_balance``). ``robust_full`` is the
+``robust`` preset at the fast preset's own budget (input size, epochs, images per class); ``*_wb_full``
+add white balance on each image's own background (training and inference). ``eval --tta`` scores with
+test-time augmentation (8 rotations by 90° and mirror images). ``<variant>_s<N>`` is any variant
+trained with seed N instead of 0 (seed-to-seed spread).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,14 +45,31 @@ VARIANTS = {
     # (fast + scale estimate, HED 0.1, colour)
     "fast_full":   ("fast", {"seed": 0, "workers": 2}),
     "robust_full": ("robust", {"seed": 0, "workers": 2}),
+    # + white balance on each image's own background, in training and inference alike
+    "scale_wb_full": ("fast", {"seed": 0, "workers": 2, "scale": "estimate", "white_balance": True}),
+    "robust_wb_full": ("robust", {"seed": 0, "workers": 2, "white_balance": True}),
+    # controls and budget: fast + scale alone; robust + white balance at 3x the epochs
+    "scale_full": ("fast", {"seed": 0, "workers": 2, "scale": "estimate"}),
+    "robust_wb_long": ("robust", {"seed": 0, "workers": 2, "white_balance": True, "epochs": 18}),
 }
+
+
+def _split_seed(name: str) -> tuple[str, int | None]:
+    """``robust_full_s2`` -> (``robust_full``, 2): any variant again with another training seed."""
+    m = re.fullmatch(r"(.+)_s(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m and m.group(1) in VARIANTS else (name, None)
+
+
+def known_variant(name: str) -> bool:
+    return _split_seed(name)[0] in VARIANTS
 
 
 def variant_config(name: str):
     from leukoscope.train import preset
 
-    name_of_preset, overrides = VARIANTS[name]
-    return preset(name_of_preset, **overrides)
+    base, seed = _split_seed(name)
+    name_of_preset, overrides = VARIANTS[base]
+    return preset(name_of_preset, **{**overrides, **({"seed": seed} if seed is not None else {})})
 
 
 def pbc_train_table():
@@ -92,7 +114,7 @@ def _acc(pred, sources):
     return float((sub["label"] == sub["pred"]).mean()) if len(sub) else float("nan"), int(len(sub))
 
 
-def eval_variant(name: str) -> list[dict]:
+def eval_variant(name: str, tta: bool = False) -> list[dict]:
     from leukoscope.evaluate.external import (evaluate_sets, fit_reference, store_reference, validation_table,
                                               write_outputs)
     from leukoscope.models.bundle import load_bundle
@@ -107,14 +129,14 @@ def eval_variant(name: str) -> list[dict]:
         bundle = load_bundle(path)
     pbc_test, lmu, ext = eval_tables()
     rows = []
-    for norm in (False, True):
+    for norm in ((False,) if tta else (False, True)):
         t0 = time.time()
-        res = evaluate_sets(bundle, [pbc_test, lmu, ext], stain_normalize=norm, n_boot=200)
-        out = RUNS / name / ("eval_norm" if norm else "eval")
+        res = evaluate_sets(bundle, [pbc_test, lmu, ext], stain_normalize=norm, n_boot=200, tta=tta)
+        out = RUNS / name / ("eval_tta" if tta else "eval_norm" if norm else "eval")
         write_outputs(res, out)
         pred = res.predictions
         ps = res.per_source
-        row = {"variant": name, "stain_normalize": norm,
+        row = {"variant": name + ("+tta" if tta else ""), "stain_normalize": norm,
                "pbc_heldout_bal_acc": ps["pbc"]["balanced_accuracy"]["value"],
                "pbc_heldout_acc": ps["pbc"]["accuracy"]["value"]}
         for src in ("lmu", "jhu_apl_aml", "raabin_wbc", "pbc_barcelona"):
@@ -135,13 +157,41 @@ def eval_variant(name: str) -> list[dict]:
     return rows
 
 
+def seed_table(summary: Path = RUNS / "summary.csv"):
+    """Mean ± sd over training seeds of each variant (with and without TTA), no stain normalisation."""
+    import pandas as pd
+
+    df = pd.read_csv(summary)
+    df = df[~df["stain_normalize"].astype(bool)].copy()
+    df["tta"] = df["variant"].str.endswith("+tta")
+    df["base"] = [_split_seed(v.removesuffix("+tta"))[0] for v in df["variant"]]
+    cols = ["pbc_heldout_bal_acc", "lmu_acc", "jhu_apl_aml_acc", "raabin_wbc_acc", "nonpbc_external_acc"]
+    rows = []
+    for (base, tta), sub in df.groupby(["base", "tta"], sort=True):
+        row = {"variant": base, "tta": bool(tta), "seeds": len(sub)}
+        for c in cols:
+            v = sub[c].astype(float)
+            row[c] = f"{v.mean():.3f}" + (f" ± {v.std():.3f}" if len(v) > 1 else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("train", "eval"))
-    ap.add_argument("variants", nargs="+")
+    ap.add_argument("what", choices=("train", "eval", "table"))
+    ap.add_argument("variants", nargs="*")
+    ap.add_argument("--tta", action="store_true",
+                    help="eval: probabilities averaged over the 8 rotations by 90° and mirror images (row <variant>+tta)")
     a = ap.parse_args(argv)
+    if a.what == "table":  # runs/rob/summary.csv over seeds
+        t = seed_table()
+        print(t.to_string(index=False))
+        t.to_csv(RUNS / "seeds.csv", index=False)
+        return 0
+    if not a.variants:
+        ap.error("name at least one variant")
     for v in a.variants:
-        if v not in VARIANTS:
+        if not known_variant(v):
             raise SystemExit(f"unknown variant {v}; known: {', '.join(VARIANTS)}")
     if a.what == "train":
         for v in a.variants:
@@ -149,7 +199,7 @@ def main(argv=None) -> int:
     else:
         rows = []
         for v in a.variants:
-            rows += eval_variant(v)
+            rows += eval_variant(v, tta=a.tta)
         summary = RUNS / "summary.csv"
         import pandas as pd
 

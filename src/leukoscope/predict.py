@@ -78,14 +78,15 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float | str | None = None,
                   batch_size: int = 64, calibrated: bool = True, progress: bool = False,
-                  chunk: int = 512) -> PredictResult:
+                  chunk: int = 512, tta: bool = False) -> PredictResult:
     """Predict every image under ``inputs`` (files or folders) with ``bundle``.
 
     ``um_per_px`` is the scale of the input images when known (then they are resampled to
     the model's scale); ``"estimate"`` measures it from the red cells, pooled per input
     (:func:`estimate_input_scale`), which is also the default for a model trained on estimated
     scales (``training_scale.scale == "estimate"``); otherwise each image is resized to the model
-    input.
+    input. ``tta``: probabilities averaged over the 8 rotations by 90° and mirror images of each
+    image (:meth:`~leukoscope.models.bundle.ModelBundle.predict_proba`).
     """
     inputs = list(inputs)
     paths = expand_inputs(inputs)
@@ -119,7 +120,7 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
             import torch
 
             probs = bundle.predict_proba(torch.from_numpy(np.stack(block)), batch_size=batch_size,
-                                         calibrated=calibrated)
+                                         calibrated=calibrated, tta=tta)
             parts.append(probs)
             good.extend(names)
         if bar is not None:

@@ -17,6 +17,13 @@ own white balance, gamma, saturation and focus. Two tools against that:
     training engineer's ``augment.py`` does not already do (it has brightness and
     contrast); :func:`colour_augment` chains them with the HED jitter.
 
+* **white balance** (training and inference alike, a bundle's ``white_balance``) —
+  :func:`white_balance` divides each channel by the colour of the image's own
+  background (the light plasma between the cells), so that the illuminant and the
+  camera's white point (a yellowish CellaVision, a bluish-grey smartphone, a pink
+  cast) no longer separate labs. Deterministic and per image; a von Kries
+  correction, the transmitted-light analogue of choosing I0 for optical density.
+
 * **normalisation at inference** — :func:`normalize_stain` maps an image's colour
   statistics onto a reference (Reinhard et al. 2001, per-channel mean/std in CIELAB,
   via scikit-image), computed over the *background and red cells* only when asked
@@ -193,6 +200,41 @@ def colour_augment(x, generator, *, stain: float = 0.05, saturation: float = 0.0
 
 
 # --------------------------------------------------------------------------- normalisation
+
+#: Background pixels for :func:`white_balance`: the lightest (100 - this) % by luminance.
+WHITE_BALANCE_PERCENTILE = 90.0
+#: Where :func:`white_balance` puts the background (each channel, uint8).
+WHITE_BALANCE_TARGET = 240.0
+
+
+def background_colour(img_uint8: np.ndarray, percentile: float = WHITE_BALANCE_PERCENTILE) -> np.ndarray:
+    """RGB colour of the background: per-channel median of the pixels at or above the luminance
+    ``percentile`` (in a cell crop or a smear field, the plasma between the cells)."""
+    x = np.asarray(img_uint8)
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {x.shape}")
+    lum = x.astype(np.float32).mean(axis=2)
+    sel = lum >= np.percentile(lum, percentile)
+    return np.median(x[sel], axis=0).astype(np.float64)
+
+
+def white_balance(img_uint8: np.ndarray, target: float = WHITE_BALANCE_TARGET,
+                  percentile: float = WHITE_BALANCE_PERCENTILE) -> np.ndarray:
+    """Scale each channel so that the image's background (:func:`background_colour`) becomes
+    neutral ``target``; uint8 in, uint8 out (clipped). Same image, same output.
+
+    >>> img = np.full((8, 8, 3), (250, 225, 200), np.uint8); img[2:5, 2:5] = (120, 60, 150)
+    >>> out = white_balance(img)
+    >>> out[0, 0].tolist(), out[3, 3].tolist()
+    ([240, 240, 240], [115, 64, 180])
+    """
+    img = np.asarray(img_uint8)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {img.shape} dtype {img.dtype}")
+    bg = background_colour(img, percentile).clip(1.0, 255.0)
+    gain = (float(target) / bg).astype(np.float32)
+    return (img.astype(np.float32) * gain + 0.5).clip(0, 255).astype(np.uint8)
+
 
 def _bright_mask(lab: np.ndarray) -> np.ndarray:
     """Pixels that are background or red cells: lighter than the darkest third (no nuclei)."""

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reference on them and store it in MODEL before evaluating")
     p.add_argument("--split", metavar="CSV", help="split file: evaluate only the rows of DATA in --fold")
     p.add_argument("--fold", type=int, metavar="K", help="fold of --split to evaluate")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: mean probability over the 8 rotations by 90° and mirror images "
+                        "of each cell (8x the compute; the OOD check uses the plain view)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (0: none)")
     add_label_map(p)
 
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         tables.append(t)
     res = evaluate_sets(bundle, tables, group_by=args.group_by, um_per_px=args.um_per_px,
                         estimate_scale=args.estimate_scale, stain_normalize=args.stain_normalize,
-                        n_boot=args.bootstrap)
+                        n_boot=args.bootstrap, tta=args.tta)
     print(f"{'source':<18}{'n':>5}{'other':>7}  {'µm/px':>7}  {'accuracy':>9}  {'bal.acc':>8}  {'macro-F1':>8}  {'conf':>5}")
     for g, e in res.per_source.items():
         um = (res.scale.get(g) or {}).get("um_per_px_median") if isinstance(res.scale.get(g), dict) else None

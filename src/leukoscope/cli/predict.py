@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="µm per pixel of the input images, when known; 'estimate': measure it from the red cells "
                         "(7.5 µm), pooled per input folder (the default for a model trained with --scale estimate)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: mean probability over the 8 rotations by 90° and mirror images "
+                        "of each cell (8x the compute)")
     p.add_argument("--uncalibrated", action="store_true", help="probabilities without temperature scaling")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.model, device=args.device)
     res = predict_paths(bundle, args.inputs, um_per_px=args.um_per_px, batch_size=args.batch_size,
-                        calibrated=not args.uncalibrated, progress=not args.no_progress)
+                        calibrated=not args.uncalibrated, progress=not args.no_progress, tta=args.tta)
     for e in res.errors:
         print(f"skipped {e['path']}: {e['reason']}")
     for src, est in (res.scale.get("estimates") or {}).items():

@@ -66,6 +66,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "gives one and otherwise resizes each image to the input as it is; 'estimate' estimates "
                         "µm/px from the red cells (pooled per source) where the dataset gives none, so that cells "
                         "have the model's physical size (robust preset); an implausible estimate is not used (warning)")
+    o.add_argument("--white-balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide every image by the colour of its own background (the plasma between the cells), "
+                        "in training and, recorded in the bundle, in every later prediction: removes the "
+                        "illuminant's and camera's colour cast (see docs/robustness.md; default off)")
     o.add_argument("--label-smoothing", type=float)
     o.add_argument("--bf16", choices=("auto", "on", "off"), help="bf16 autocast on CPU (auto: measured default)")
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: auto)")
@@ -80,7 +84,7 @@ def config_from_args(args: argparse.Namespace):
     overrides = {k: getattr(args, k, None) for k in (
         "epochs", "per_class", "batch_size", "input_size", "um_per_px", "seed", "lr", "weight_decay", "patience",
         "val_fraction", "workers", "stain_jitter", "brightness", "contrast", "saturation", "gamma", "blur", "scale",
-        "label_smoothing", "bf16", "device")}
+        "white_balance", "label_smoothing", "bf16", "device")}
     if args.model:
         from leukoscope.models.registry import get_config
 

@@ -336,8 +336,11 @@ def ood_check(ref: dict | None, features: np.ndarray, max_prob: np.ndarray, name
 def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, group_by: str = "source",
                   um_per_px: float | None = None, estimate_scale: str = "group", stain_normalize: bool = False,
                   stain_target: dict | None = None, n_boot: int = 1000, seed: int = 0,
-                  batch_size: int = 64) -> EvaluationResult:
-    """Score ``bundle`` on labelled tables, per group (``source`` column or image ``folder``) and per class."""
+                  batch_size: int = 64, tta: bool = False) -> EvaluationResult:
+    """Score ``bundle`` on labelled tables, per group (``source`` column or image ``folder``) and per class.
+
+    ``tta``: probabilities averaged over the 8 rotations by 90° and mirror images of each cell
+    (the OOD check keeps the plain view's features and confidence, as its reference was fitted)."""
     from leukoscope.evaluate.metrics import overall_metrics, per_class_fold_metrics
     from leukoscope.predict import predictions_table
     from leukoscope.scale_estimate import resolve_um_per_px
@@ -376,7 +379,13 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
     x, ok, errors, col = prepare_images(bundle, list(df["path"].astype(str)), df["um_per_px"].tolist(),
                                         stain_target=target, colour=True)
     z, f = logits_and_features(bundle, x, batch_size)
-    probs = _softmax(z, bundle.temperature)
+    probs = plain = _softmax(z, bundle.temperature)
+    if tta and len(x):
+        from leukoscope.models.preprocess import dihedral_views
+
+        views = dihedral_views(x)[1:]
+        probs = (plain + sum(_softmax(logits_and_features(bundle, v, batch_size)[0], bundle.temperature)
+                             for v in views)) / (1 + len(views))
     rows = df.iloc[ok].reset_index(drop=True)
     pred = predictions_table(rows["path"].tolist(), probs, classes)
     pred.insert(1, "label", rows["label"].to_numpy())
@@ -411,7 +420,7 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
         per_source[str(g)] = entry
         if g != "ALL":
             mask = (pred["source"] == g).to_numpy()
-            ood[str(g)] = ood_check(ref, f[mask] if len(f) else f, pred.loc[mask, "max_prob"].to_numpy(), str(g),
+            ood[str(g)] = ood_check(ref, f[mask] if len(f) else f, plain.max(1)[mask], str(g),
                                     colour=col[mask])
             if ood[str(g)].get("warning"):
                 res_warn.append(ood[str(g)]["warning"])

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from leukoscope import INTENDED_USE, __version__, taxonomy
-from leukoscope.models.preprocess import normalize, prepare_image
+from leukoscope.models.preprocess import dihedral_views, normalize, prepare_image
 from leukoscope.models.registry import create_model
 
 META_KEY = "leukoscope"
@@ -173,6 +173,11 @@ class ModelBundle:
         return self.meta.get("um_per_px")
 
     @property
+    def white_balance(self) -> bool:
+        """Whether inputs are white-balanced on their own background (as the training images were)."""
+        return bool(self.meta.get("white_balance", False))
+
+    @property
     def temperature(self) -> float:
         return float(self.meta.get("temperature") or 1.0)
 
@@ -191,7 +196,8 @@ class ModelBundle:
         for i, (img, um) in enumerate(zip(images, ums)):
             if isinstance(img, (str, os.PathLike)):
                 img = load_rgb(img)
-            out[i] = prepare_image(np.asarray(img), self.input_size, self.um_per_px, um)
+            out[i] = prepare_image(np.asarray(img), self.input_size, self.um_per_px, um,
+                                   white_balance=self.white_balance)
         return out
 
     def preprocess(self, images, um_per_px=None):
@@ -220,10 +226,19 @@ class ModelBundle:
         return z
 
     def predict_proba(self, images, um_per_px=None, batch_size: int = 64, calibrated: bool = True,
-                      progress: bool = False) -> np.ndarray:
-        """Class probabilities ``(n, len(classes))``; temperature-scaled unless ``calibrated=False``."""
+                      progress: bool = False, tta: bool = False) -> np.ndarray:
+        """Class probabilities ``(n, len(classes))``; temperature-scaled unless ``calibrated=False``.
+
+        ``tta=True``: the mean of the probabilities over the 8 rotations by 90° and mirror images
+        of each input (:func:`~leukoscope.models.preprocess.dihedral_views`); 8x the compute."""
         import torch
 
+        if tta:
+            x = images if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8) \
+                else torch.from_numpy(self.prepare(images, um_per_px))
+            views = dihedral_views(x)
+            return sum(self.predict_proba(v, batch_size=batch_size, calibrated=calibrated, progress=progress)
+                       for v in views) / len(views)
         z = self.logits(images, um_per_px, batch_size=batch_size, progress=progress)
         if z.numel() == 0:
             return np.zeros((0, len(self.classes)))

@@ -1,8 +1,10 @@
 """Export a bundle to ONNX and check with onnxruntime that the outputs match.
 
 The ONNX graph takes the *normalised* float NCHW input (``bundle.preprocess``'s output)
-and returns logits; the bundle metadata (classes, mean/std, µm/px, temperature) is
-stored as ONNX metadata properties so that the file stands on its own.
+and returns logits; the bundle metadata (classes, mean/std, µm/px, temperature, and
+``white_balance``: whether each image is first divided by its background colour,
+:func:`leukoscope.stain.white_balance`) is stored as ONNX metadata properties so that the
+file stands on its own.
 
 >>> export_onnx(load_bundle("run/model.safetensors"), "model.onnx")   # doctest: +SKIP
 {'max_abs_diff': 2.1e-06, ...}
@@ -43,7 +45,7 @@ def export_onnx(bundle, path: str | os.PathLike, *, opset: int = 17, batch: int 
         proto = onnx.load(str(tmp))
         meta = {k: v for k, v in bundle.meta.items() if k in (
             "classes", "model", "input_size", "mean", "std", "um_per_px", "temperature", "intended_use",
-            "fingerprint")}
+            "fingerprint", "white_balance")}
         entry = proto.metadata_props.add()
         entry.key, entry.value = "leukoscope", json.dumps(meta)
         onnx.checker.check_model(proto)

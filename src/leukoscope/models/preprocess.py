@@ -3,7 +3,8 @@
 Two steps, kept apart so that training can cache the first:
 
 1. :func:`prepare_image` — ``(H, W, 3)`` uint8 -> ``(S, S, 3)`` uint8 at the model's
-   scale: when both the image's and the model's µm/px are known, resample with
+   scale (first white-balanced on its own background when the model was trained so,
+   :func:`leukoscope.stain.white_balance`): when both the image's and the model's µm/px are known, resample with
    :func:`leukoscope.scale.to_scale` and centre-crop / reflect-pad to ``S``; otherwise
    resize the whole image to ``S x S``.
 2. :func:`normalize` — uint8 NHWC/NCHW (or float in [0, 1]) -> float NCHW, ``(x - mean) / std``.
@@ -29,11 +30,16 @@ def _known(x) -> bool:
 
 
 def prepare_image(img: np.ndarray, input_size: int, model_um_per_px: float | None = None,
-                  image_um_per_px: float | None = None) -> np.ndarray:
-    """Bring one RGB uint8 image to the model's input size (and physical scale when known)."""
+                  image_um_per_px: float | None = None, *, white_balance: bool = False) -> np.ndarray:
+    """Bring one RGB uint8 image to the model's input size (and physical scale when known);
+    ``white_balance``: first :func:`leukoscope.stain.white_balance` on the whole image."""
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {img.shape} dtype {img.dtype}")
+    if white_balance:
+        from leukoscope.stain import white_balance as _wb
+
+        img = _wb(img)
     s = int(input_size)
     if _known(model_um_per_px) and _known(image_um_per_px):
         img = to_scale(img, float(image_um_per_px), float(model_um_per_px))
@@ -43,6 +49,28 @@ def prepare_image(img: np.ndarray, input_size: int, model_um_per_px: float | Non
     h, w = img.shape[:2]
     resample = Image.LANCZOS if (h > s or w > s) else Image.BILINEAR
     return np.asarray(Image.fromarray(img).resize((s, s), resample))
+
+
+def dihedral_views(x) -> list:
+    """The 8 rotations by 90° and mirror images of prepared uint8 NHWC images (tensor or array),
+    the identity first: test-time augmentation for a model trained with rotations and flips.
+
+    >>> import numpy as np
+    >>> v = dihedral_views(np.arange(4, dtype=np.uint8).reshape(1, 2, 2, 1))
+    >>> len(v), v[0][0, :, :, 0].tolist(), v[1][0, :, :, 0].tolist()
+    (8, [[0, 1], [2, 3]], [[1, 3], [0, 2]])
+    """
+    import torch
+
+    t = torch.as_tensor(x)
+    if t.ndim != 4:
+        raise ValueError(f"expected NHWC images, got shape {tuple(t.shape)}")
+    out = []
+    for flip in (False, True):
+        base = t.flip(2) if flip else t
+        for k in range(4):
+            out.append(base if k == 0 else torch.rot90(base, k, dims=(1, 2)))
+    return out
 
 
 def normalize(x, mean: Sequence[float], std: Sequence[float]):

@@ -28,6 +28,7 @@ class ImageCache:
     input_size: int
     model_um_per_px: float | None
     errors: list[dict] = field(default_factory=list)
+    white_balance: bool = False
 
     def __post_init__(self):
         self._index = {p: i for i, p in enumerate(self.paths)}
@@ -45,10 +46,10 @@ class ImageCache:
         except KeyError as exc:
             raise KeyError(f"image not in the cache: {exc.args[0]}") from None
 
-    def compatible(self, input_size: int, model_um_per_px) -> bool:
+    def compatible(self, input_size: int, model_um_per_px, white_balance: bool = False) -> bool:
         a, b = self.model_um_per_px, model_um_per_px
         same_scale = (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b))
-        return self.input_size == input_size and same_scale
+        return self.input_size == input_size and same_scale and bool(self.white_balance) == bool(white_balance)
 
 
 def _default_workers() -> int:
@@ -56,8 +57,9 @@ def _default_workers() -> int:
 
 
 def build_cache(table: pd.DataFrame, input_size: int, model_um_per_px: float | None = None,
-                workers: int | None = None, progress: bool = False) -> ImageCache:
-    """Decode and prepare every ``table.path`` (using ``table.um_per_px`` when present).
+                workers: int | None = None, progress: bool = False, white_balance: bool = False) -> ImageCache:
+    """Decode and prepare every ``table.path`` (using ``table.um_per_px`` when present;
+    ``white_balance`` as in :func:`leukoscope.models.preprocess.prepare_image`).
 
     Images that fail to decode are left out and listed in ``errors`` (path, reason).
     """
@@ -74,7 +76,7 @@ def build_cache(table: pd.DataFrame, input_size: int, model_um_per_px: float | N
             img = load_rgb(paths[i])
             um = ums[i]
             um = None if um is None or (isinstance(um, float) and math.isnan(um)) else float(um)
-            out[i] = prepare_image(img, input_size, model_um_per_px, um)
+            out[i] = prepare_image(img, input_size, model_um_per_px, um, white_balance=white_balance)
             return i, None
         except (ImageError, ValueError, OSError) as exc:
             return i, str(getattr(exc, "reason", exc))
@@ -98,4 +100,4 @@ def build_cache(table: pd.DataFrame, input_size: int, model_um_per_px: float | N
         bar.close()
     keep = np.flatnonzero(ok)
     images = torch.from_numpy(out[keep] if len(keep) < len(paths) else out)
-    return ImageCache(images, [paths[i] for i in keep], input_size, model_um_per_px, errors)
+    return ImageCache(images, [paths[i] for i in keep], input_size, model_um_per_px, errors, bool(white_balance))

@@ -163,7 +163,8 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
             continue
         if cache is None:
             t0 = time.time()
-            cache = build_cache(table, cfg.input_size, model_um, workers=cfg.workers, progress=progress)
+            cache = build_cache(table, cfg.input_size, model_um, workers=cfg.workers, progress=progress,
+                                white_balance=cfg.white_balance)
             log(f"decoded {len(cache)} images at {cfg.input_size}px in {time.time() - t0:.1f}s"
                 + (f"; {len(cache.errors)} unreadable, skipped" if cache.errors else ""))
             for e in cache.errors[:10]:

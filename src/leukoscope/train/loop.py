@@ -75,6 +75,7 @@ class TrainConfig:
     saturation: float = 0.0             # colour jitter after the stain jitter (leukoscope.stain.colour_augment):
     gamma: float = 0.0                  #   saturation factor in [1-s, 1+s], log gamma in [-g, g],
     blur: float = 0.0                   #   Gaussian blur sigma up to this many px; 0 = off
+    white_balance: bool = False         # every input divided by its own background colour (train and inference)
     scale: str = "stated"               # training images' µm/px: stated (table, else resize) | estimate (red cells)
     ood_reference: bool = True          # fit the OOD reference on the validation images into the bundle
     bf16: str = "auto"                  # auto (the model's measured default) | on | off  (CPU only)
@@ -440,9 +441,10 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
     training_scale = {**training_scale, "model_um_per_px": model_um}
 
     # ---- images, decoded once
-    if cache is None or not cache.compatible(cfg.input_size, model_um):
+    if cache is None or not cache.compatible(cfg.input_size, model_um, cfg.white_balance):
         t0 = time.time()
-        cache = build_cache(table, cfg.input_size, model_um, workers=cfg.workers, progress=progress and main)
+        cache = build_cache(table, cfg.input_size, model_um, workers=cfg.workers, progress=progress and main,
+                            white_balance=cfg.white_balance)
         log(f"decoded {len(cache)} images at {cfg.input_size}px in {time.time() - t0:.1f}s")
     bad = [p for p in table["path"] if str(p) not in cache]
     if bad:
@@ -626,7 +628,7 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
         um_per_px=model_um, temperature=temperature, config=cfg.to_dict(),
         fingerprint=data_fingerprint or table_fingerprint(table), metrics=metrics,
         channels_last=use_cl, inference_bf16=infer_bf16, train_counts={c: int(n) for c, n in zip(classes, counts)},
-        training_scale=training_scale, **bf16_info,
+        training_scale=training_scale, white_balance=bool(cfg.white_balance), **bf16_info,
     )
     if main:
         save_bundle(model, meta, bundle_path)  # on disk first: a failing reference never costs the model
