@@ -159,3 +159,30 @@ def test_evaluate_with_tta_scores_the_averaged_probabilities(cells, tmp_path):
     # the OOD check sees the same plain-view confidence either way
     src = next(iter(plain.ood))
     assert tta.ood[src].get("mean_max_prob") == pytest.approx(plain.ood[src].get("mean_max_prob"))
+
+
+def test_ood_colour_features_of_a_white_balancing_bundle_ignore_a_cast(cells, tmp_path):
+    """The colour part of the OOD check looks at what the model sees: for a bundle that white-balances,
+    a cast copy of the cells has (nearly) the colour features of the originals; for one that does not,
+    it is far away."""
+    from PIL import Image
+
+    from leukoscope.evaluate.external import prepare_images
+    from leukoscope.images import load_rgb
+    from leukoscope.models import load_bundle
+
+    paths = list(cells.table["path"][:6])
+    cast_paths = []
+    for i, p in enumerate(paths):
+        q = tmp_path / f"cast{i}.png"
+        Image.fromarray(cast(load_rgb(p))).save(q)
+        cast_paths.append(str(q))
+    gaps = {}
+    for wb in (True, False):
+        res = train(cells.table, tmp_path / f"run{wb}", TrainConfig(**TINY, white_balance=wb, ood_reference=False),
+                    progress=False, log=quiet)
+        b = load_bundle(res.bundle_path)
+        _, _, _, col = prepare_images(b, paths, [None] * 6, colour=True)
+        _, _, _, col_cast = prepare_images(b, cast_paths, [None] * 6, colour=True)
+        gaps[wb] = float(np.abs(col - col_cast).max())
+    assert gaps[True] < 1.5 < 5 < gaps[False], gaps

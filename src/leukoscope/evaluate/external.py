@@ -163,10 +163,11 @@ def prepare_images(bundle, paths: Sequence[str], um_per_px: Sequence[float], *,
     """Load, optionally stain-normalise, and bring images to the model input.
 
     Returns ``(uint8 NHWC, indices of the images that worked, errors)``, plus the
-    :func:`colour_features` of each original image when ``colour=True``.
+    :func:`colour_features` of each original image when ``colour=True`` (white-balanced first for
+    a bundle that white-balances its inputs: a colour cast it removes is no shift for it).
     """
     from leukoscope.images import ImageError, load_rgb
-    from leukoscope.stain import normalize_stain
+    from leukoscope.stain import normalize_stain, white_balance
 
     s = bundle.input_size
     out = np.empty((len(paths), s, s, 3), dtype=np.uint8)
@@ -175,7 +176,7 @@ def prepare_images(bundle, paths: Sequence[str], um_per_px: Sequence[float], *,
         try:
             img = load_rgb(p)
             if colour:
-                cols.append(colour_features(img))
+                cols.append(colour_features(white_balance(img) if getattr(bundle, "white_balance", False) else img))
             if stain_target is not None:
                 img = normalize_stain(img, target=stain_target)
             um = None if um is None or not math.isfinite(float(um)) else float(um)
