@@ -10,7 +10,7 @@ import pytest
 
 from leukoscope.cli.main import main
 
-TINY_ARGS = ["--model", "plain_cnn", "--input-size", "32", "--epochs", "1", "--per-class", "4", "--batch-size", "8",
+TINY_ARGS = ["--preset", "fast", "--model", "plain_cnn", "--input-size", "32", "--epochs", "1", "--per-class", "4", "--batch-size", "8",
              "--workers", "1", "--no-progress"]
 
 
@@ -26,6 +26,18 @@ def run_dir(cells, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
     assert main(["train", str(cells), *TINY_ARGS, "--out", str(out)]) == 0
     return out
+
+
+def test_train_without_a_preset_trains_the_robust_one(cells, tmp_path):
+    """The default preset is robust: estimated scale and white balance recorded in the bundle, which
+    predict then applies (scale estimated for the input by default)."""
+    import json
+
+    args = [a for a in TINY_ARGS if a not in ("--preset", "fast")]
+    assert main(["train", str(cells), *args, "--out", str(tmp_path / "r")]) == 0
+    meta = json.loads((tmp_path / "r" / "metadata.json").read_text())
+    assert meta["config"]["preset"] == "robust" and meta["white_balance"] is True
+    assert meta["training_scale"]["scale"] == "estimate" and meta["config"]["stain_jitter"] == 0.1
 
 
 def test_train_command_writes_the_run(run_dir):

@@ -99,12 +99,14 @@ def test_paper_and_fast_presets_keep_colour_and_scale_off():
     assert preset("paper").stain_jitter == 0 and preset("fast").stain_jitter == 0
 
 
-def test_robust_preset_is_fast_plus_the_cross_lab_measures():
+def test_robust_preset_is_fast_plus_the_cross_lab_measures_and_the_default():
+    from leukoscope.train.presets import DEFAULT_PRESET
+
     robust, fast = preset("robust").resolved(), preset("fast").resolved()
-    assert robust.preset == "robust"
-    assert (robust.scale, robust.stain_jitter, robust.saturation, robust.gamma, robust.blur) == \
-        ("estimate", 0.1, 0.25, 0.25, 1.0)
-    changed = {"preset", "scale", "stain_jitter", "saturation", "gamma", "blur"}
+    assert robust.preset == "robust" == DEFAULT_PRESET
+    assert (robust.scale, robust.white_balance, robust.stain_jitter, robust.saturation, robust.gamma, robust.blur,
+            robust.epochs) == ("estimate", True, 0.1, 0.25, 0.25, 1.0, 18)
+    changed = {"preset", "scale", "white_balance", "stain_jitter", "saturation", "gamma", "blur", "epochs"}
     assert {k: v for k, v in robust.to_dict().items() if k not in changed} == \
         {k: v for k, v in fast.to_dict().items() if k not in changed}
     assert robust.brightness == fast.brightness == 0.1 and robust.contrast == fast.contrast == 0.1
@@ -118,10 +120,12 @@ def test_cli_options_reach_the_config():
 
     p = argparse.ArgumentParser()
     add_train_options(p)
-    cfg = config_from_args(p.parse_args(["d", "--saturation", "0.3", "--gamma", "0.2", "--blur", "1.5",
-                                         "--scale", "estimate", "--stain-jitter", "0.1"]))
+    cfg = config_from_args(p.parse_args(["d", "--preset", "fast", "--saturation", "0.3", "--gamma", "0.2",
+                                         "--blur", "1.5", "--scale", "estimate", "--stain-jitter", "0.1"]))
     assert (cfg.saturation, cfg.gamma, cfg.blur, cfg.scale, cfg.stain_jitter, cfg.preset) == \
         (0.3, 0.2, 1.5, "estimate", 0.1, "fast")
+    cfg = config_from_args(p.parse_args(["d", "--saturation", "0.1", "--epochs", "3"]))
+    assert (cfg.preset, cfg.saturation, cfg.epochs, cfg.gamma) == ("robust", 0.1, 3, 0.25)
     cfg = config_from_args(p.parse_args(["d", "--preset", "robust", "--scale", "stated"]))
     assert cfg.scale == "stated" and cfg.saturation == 0.25
     with pytest.raises(SystemExit):

@@ -107,9 +107,10 @@ def test_cli_white_balance_reaches_the_config():
 
     p = argparse.ArgumentParser()
     add_train_options(p)
-    assert config_from_args(p.parse_args(["d", "--white-balance"])).white_balance is True
+    assert config_from_args(p.parse_args(["d", "--preset", "fast", "--white-balance"])).white_balance is True
     assert config_from_args(p.parse_args(["d", "--no-white-balance"])).white_balance is False
-    assert config_from_args(p.parse_args(["d"])).white_balance is False
+    assert config_from_args(p.parse_args(["d", "--preset", "fast"])).white_balance is False
+    assert config_from_args(p.parse_args(["d"])).white_balance is True  # the default preset is robust
 
 
 # --------------------------------------------------------------------------- test-time augmentation

@@ -1,4 +1,4 @@
-"""``leukoscope train DATA (--model NAME | --preset paper|fast) --out RUN``."""
+"""``leukoscope train DATA [--preset paper|fast|robust] [--model NAME] --out RUN``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ DESCRIPTION = (
     "scaling. A checkpoint is written every epoch; running the same command again resumes an interrupted "
     "run, and a finished run is not retrained.\n\n"
     "presets: paper = ResNeXt-50 32x4d from scratch at 400 px, ~10,000 images/class/epoch (a GPU job); "
-    "fast = the CPU preset of docs/fast_preset.md; robust = fast plus the cross-lab measures of "
-    "docs/robustness.md (--scale estimate, --stain-jitter 0.1, --saturation 0.25, --gamma 0.25, --blur 1).\n"
+    "fast = the CPU preset of docs/fast_preset.md (minutes; knows one lab only); robust (the default) = fast's "
+    "model with the cross-lab measures of docs/robustness.md (--scale estimate --white-balance --stain-jitter 0.1 "
+    "--saturation 0.25 --gamma 0.25 --blur 1) and --epochs 18.\n"
     "The bundle records the training images' µm/px and, fitted on the validation images, the "
     "out-of-distribution reference that 'leukoscope evaluate' compares other sources with.\n"
     "Multi-GPU: torchrun --nproc_per_node N -m leukoscope train ..."
@@ -31,7 +32,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", nargs="?", help="dataset: LMU folder, folder per class, CSV manifest, or folder with labels.csv")
     g = p.add_argument_group("model and preset")
     g.add_argument("--preset", choices=list_presets(),
-                   help="training preset (default: fast; with --model, the fast settings for that model)")
+                   help="training preset (default: robust; with --model, the preset's settings for that model)")
     g.add_argument("--model", metavar="NAME", help="model name (see --list-models)")
     g.add_argument("--list-models", action="store_true", help="list known models and presets, then exit")
     o = p.add_argument_group("overrides (any preset setting; the effective config is saved)")
@@ -69,7 +70,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--white-balance", action=argparse.BooleanOptionalAction, default=None,
                    help="divide every image by the colour of its own background (the plasma between the cells), "
                         "in training and, recorded in the bundle, in every later prediction: removes the "
-                        "illuminant's and camera's colour cast (see docs/robustness.md; default off)")
+                        "illuminant's and camera's colour cast (docs/robustness.md; on in the robust preset, off "
+                        "in fast and paper; --no-white-balance switches it off)")
     o.add_argument("--label-smoothing", type=float)
     o.add_argument("--bf16", choices=("auto", "on", "off"), help="bf16 autocast on CPU (auto: measured default)")
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: auto)")
@@ -79,7 +81,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The effective :class:`~leukoscope.train.TrainConfig` of the command line."""
-    from leukoscope.train.presets import preset
+    from leukoscope.train.presets import DEFAULT_PRESET, preset
 
     overrides = {k: getattr(args, k, None) for k in (
         "epochs", "per_class", "batch_size", "input_size", "um_per_px", "seed", "lr", "weight_decay", "patience",
@@ -92,7 +94,7 @@ def config_from_args(args: argparse.Namespace):
         overrides["model"] = args.model
         if args.input_size is None and not args.preset:
             overrides["input_size"] = get_config(args.model).input_size
-    return preset(args.preset or "fast", **overrides).resolved()
+    return preset(args.preset or DEFAULT_PRESET, **overrides).resolved()
 
 
 def print_models() -> None:
