@@ -136,6 +136,9 @@ def test_tta_is_the_mean_over_views_and_invariant_to_rotation(cells, tmp_path):
     p_tta = b.predict_proba(x, tta=True)
     by_hand = np.mean([b.predict_proba(v) for v in dihedral_views(x)], axis=0)
     assert np.allclose(p_tta, by_hand, atol=1e-6) and np.allclose(p_tta.sum(1), 1)
+    # batched (4 + 2 images, each batch with its 8 views) as the whole set; no image -> no row
+    assert np.allclose(b.predict_proba(x, tta=True, batch_size=4), p_tta, atol=1e-6)
+    assert b.predict_proba(x[:0], tta=True).shape == (0, len(b.classes))
     rotated = torch.rot90(x, 1, dims=(1, 2)).contiguous()
     raw = dict(calibrated=False)  # the tiny model's temperature flattens every probability to ~1/4
     gap_tta = np.abs(b.predict_proba(rotated, tta=True, **raw) - b.predict_proba(x, tta=True, **raw)).max()

@@ -233,12 +233,20 @@ class ModelBundle:
         of each input (:func:`~leukoscope.models.preprocess.dihedral_views`); 8x the compute."""
         import torch
 
-        if tta:
+        if tta:  # one batch of images at a time, all 8 views of it: one progress bar, 1x the memory
             x = images if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8) \
                 else torch.from_numpy(self.prepare(images, um_per_px))
-            views = dihedral_views(x)
-            return sum(self.predict_proba(v, batch_size=batch_size, calibrated=calibrated, progress=progress)
-                       for v in views) / len(views)
+            out = np.zeros((len(x), len(self.classes)))
+            starts = range(0, len(x), max(1, int(batch_size)))
+            if progress:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="predicting (TTA x8)", unit="batch", leave=False)
+            for s in starts:
+                views = dihedral_views(x[s:s + batch_size])
+                out[s:s + len(views[0])] = sum(self.predict_proba(v, batch_size=batch_size, calibrated=calibrated)
+                                               for v in views) / len(views)
+            return out
         z = self.logits(images, um_per_px, batch_size=batch_size, progress=progress)
         if z.numel() == 0:
             return np.zeros((0, len(self.classes)))
