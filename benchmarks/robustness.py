@@ -55,6 +55,11 @@ VARIANTS = {
     "scale_full": ("fast", {"seed": 0, "workers": 2, "scale": "estimate"}),
     "robust_wb_long": ("fast", {"seed": 0, "workers": 2, **ROBUST_V1, "white_balance": True, "epochs": 18}),
     "fast_long": ("fast", {"seed": 0, "workers": 2, "epochs": 18}),
+    "robust_long": ("fast", {"seed": 0, "workers": 2, **ROBUST_V1, "epochs": 18}),  # robust now without white balance
+    # robust now with saturation jitter widened to [0, 2] (fully grey to doubled colour): the first round's
+    # all-greyscale scratch run did better on JHU and LMU and worse in distribution; this keeps colour on average
+    "robust_wb_sat1_long": ("fast", {"seed": 0, "workers": 2, **ROBUST_V1, "saturation": 1.0,
+                                     "white_balance": True, "epochs": 18}),
 }
 
 
