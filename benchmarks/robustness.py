@@ -56,12 +56,12 @@ VARIANTS = {
     "robust_wb_long": ("fast", {"seed": 0, "workers": 2, **ROBUST_V1, "white_balance": True, "epochs": 18}),
     "fast_long": ("fast", {"seed": 0, "workers": 2, "epochs": 18}),
     "robust_long": ("fast", {"seed": 0, "workers": 2, **ROBUST_V1, "epochs": 18}),  # robust now without white balance
-    # robust now with saturation jitter widened to [0, 2] (fully grey to doubled colour): the first round's
-    # all-greyscale scratch run did better on JHU and LMU and worse in distribution; this keeps colour on average
     # robust now at 160 px instead of 128 (0.18 instead of 0.23 µm/px): basophil granules and nuclear
     # chromatin are where the remaining errors are
     "robust_wb_long_160": ("fast", {"seed": 0, "workers": 2, **ROBUST_V1, "white_balance": True, "epochs": 18,
                                     "input_size": 160}),
+    # robust now with saturation jitter widened to [0, 2] (fully grey to doubled colour): the first round's
+    # all-greyscale scratch run did better on JHU and LMU and worse in distribution; this keeps colour on average
     "robust_wb_sat1_long": ("fast", {"seed": 0, "workers": 2, **ROBUST_V1, "saturation": 1.0,
                                      "white_balance": True, "epochs": 18}),
 }
