@@ -237,13 +237,14 @@ class ModelBundle:
             x = images if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8) \
                 else torch.from_numpy(self.prepare(images, um_per_px))
             out = np.zeros((len(x), len(self.classes)))
-            starts = range(0, len(x), max(1, int(batch_size)))
+            step = max(1, int(batch_size))
+            starts = range(0, len(x), step)
             if progress:
                 from tqdm.auto import tqdm
 
                 starts = tqdm(starts, desc="predicting (TTA x8)", unit="batch", leave=False)
             for s in starts:
-                views = dihedral_views(x[s:s + batch_size])
+                views = dihedral_views(x[s:s + step])
                 out[s:s + len(views[0])] = sum(self.predict_proba(v, batch_size=batch_size, calibrated=calibrated)
                                                for v in views) / len(views)
             return out

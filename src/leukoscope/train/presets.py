@@ -15,7 +15,7 @@
     state it, every image white-balanced on its own background (also at inference),
     HED stain jitter 0.1, saturation and gamma jitter 0.25, blur up to 1 px, and 18
     epochs instead of 6 (augmented images need them: at 6 epochs the measures cost
-    0.06-0.09 balanced accuracy on the training lab's own cells, at 18 none; measured
+    about 0.04 balanced accuracy on the training lab's own cells, at 18 none; measured
     on PBC, two seeds).
 
 >>> preset("paper").model
