@@ -8,7 +8,7 @@ naive: a ``torch.utils.data.DataLoader`` over the TIFF files (``num_workers=0``:
 decodes every image with PIL at every step and applies torchvision's ``RandomRotation(360)``,
 horizontal/vertical flips, ``ToTensor`` and ``Normalize`` per image; fp32, eager, NCHW, glibc malloc.
 
-ours: LeukoScope's training step as ``leukoscope.train.loop.train`` runs it: images decoded once
+ours: LeukoScope's training step as ``leukoscope.train.trainer.Trainer`` runs it: images decoded once
 into the uint8 cache (``leukoscope.train.cache.build_cache``; its one-off time is reported apart),
 a balanced batch indexed out of it, ``augment_batch`` (any-angle rotation with reflected corners
 and flips for the whole batch as one ``grid_sample``), ``normalize``, channels-last, bf16 autocast
@@ -93,7 +93,7 @@ def _setup_ours(cfg: dict):
     from leukoscope.train.augment import AugmentConfig, augment_batch
     from leukoscope.train.balance import balanced_epoch
     from leukoscope.train.cache import build_cache
-    from leukoscope.train.loop import _flag
+    from leukoscope.train.bf16 import flag as _flag
 
     mcfg = get_config(cfg["model"], input_size=cfg["input_size"])
     table = pd.DataFrame({"path": cfg["paths"], "label": cfg["labels"]})
@@ -118,7 +118,7 @@ def _setup_ours(cfg: dict):
     bs = cfg["batch_size"]
     state = {"order": np.zeros(0, dtype=np.int64), "epoch": 0}
 
-    def step():  # the body of leukoscope.train.loop.train's step loop
+    def step():  # the body of leukoscope.train.trainer.Trainer.step
         if len(state["order"]) < bs:
             state["order"] = balanced_epoch(y_all, max(1, -(-len(y_all) // len(classes))), 0, state["epoch"])
             state["epoch"] += 1

@@ -12,7 +12,9 @@ import torch
 from leukoscope.train import TrainConfig, cross_validate, fit_temperature, preset, train
 from leukoscope.train.augment import AugmentConfig, augment_batch
 from leukoscope.train.balance import balanced_epoch, shard
-from leukoscope.train.loop import ThreadTuner, load_checkpoint, stratified_val_split
+from leukoscope.data.splits import stratified_val_split
+from leukoscope.train.checkpoint import load_checkpoint
+from leukoscope.train.threads import ThreadTuner
 
 TINY = dict(model="plain_cnn", input_size=32, epochs=2, per_class=6, batch_size=8, lr=3e-3, threads="1",
             workers=1, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.1},

@@ -14,7 +14,8 @@ import torch
 from leukoscope.stain import colour_augment
 from leukoscope.train import TrainConfig, cross_validate, preset, train
 from leukoscope.train.augment import AugmentConfig, augment_batch
-from leukoscope.train.loop import _config_diff, resolve_training_scale
+from leukoscope.train.config import config_diff as _config_diff
+from leukoscope.train.loop import resolve_training_scale
 
 TINY = dict(model="plain_cnn", input_size=32, epochs=1, per_class=6, batch_size=8, lr=3e-3, threads="1",
             workers=1, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.1})

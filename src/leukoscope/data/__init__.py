@@ -14,9 +14,17 @@ from leukoscope.data.readers import (
     read_dataset,
     read_label_map,
 )
-from leukoscope.data.splits import make_split, read_split, write_split
+from leukoscope.data.splits import (
+    align_split,
+    fold_tables,
+    make_split,
+    read_split,
+    stratified_val_split,
+    write_split,
+)
 
 __all__ = [
     "CellDataset", "check_images", "detect_layout", "read_annotations", "read_dataset",
-    "read_label_map", "make_split", "read_split", "write_split",
+    "read_label_map", "align_split", "fold_tables", "make_split", "read_split", "stratified_val_split",
+    "write_split",
 ]

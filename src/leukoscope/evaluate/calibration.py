@@ -1,4 +1,8 @@
-"""Calibration of the top-label probability: expected calibration error and reliability bins.
+"""Calibration: fitting a temperature, and the expected calibration error with reliability bins.
+
+:func:`fit_temperature` finds the temperature ``T`` of ``softmax(logits / T)`` that minimises the
+negative log-likelihood on held-out images (Guo et al., ICML 2017); training fits it on the
+validation images and stores it in the bundle.
 
 The confidence of a prediction is the probability the model gave its predicted class;
 it is correct when that class is the gold label. Predictions are put into
@@ -13,10 +17,33 @@ ICML 2017) is the image-weighted mean of ``|accuracy - mean confidence|`` over b
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
+import torch
 
 from leukoscope.evaluate.metrics import PROB_PREFIX, model_classes
+
+
+def fit_temperature(logits, labels, max_iter: int = 100) -> float:
+    """Temperature minimising the NLL of ``softmax(logits / T)`` (LBFGS on log T); 1.0 when none is sensible."""
+    z = torch.as_tensor(logits, dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if len(y) == 0:
+        return 1.0
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return t if math.isfinite(t) and 0.01 < t < 100 else 1.0
 
 
 def expected_calibration_error(confidence, correct, n_bins: int = 15) -> dict:

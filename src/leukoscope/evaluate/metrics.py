@@ -12,6 +12,9 @@ probability column per class *of the model*, in taxonomy order.
   of that class. Never a silent zero.
 * :func:`table1`: mean and standard deviation (``ddof=1``) over the folds where the
   metric is defined, with the number of those folds, as in Matek et al. (2019), Table 1.
+* :func:`classification_metrics`: the one metrics table of a set of calls (``n``, accuracy,
+  balanced accuracy, macro-F1): what training reports on its validation images and
+  cross-validation per fold and overall.
 * :func:`overall_metrics` / :func:`bootstrap_ci`: macro-F1, balanced accuracy,
   accuracy and per-class F1 over all test predictions, with percentile bootstrap
   confidence intervals (images resampled with replacement, seeded).
@@ -343,6 +346,27 @@ def overall_metrics(pred_df: pd.DataFrame, classes=None, n_boot: int = 1000, see
     out["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level),
                         "method": "percentile; images resampled with replacement"}
     return out
+
+
+def classification_metrics(y_true, y_pred, labels=None) -> dict:
+    """``{"n", "accuracy", "balanced_accuracy", "macro_f1"}`` of calls ``y_pred`` against ``y_true``.
+
+    Point estimates only (scikit-learn's). ``labels``: the classes macro-F1 averages over
+    (default: every class in ``y_true`` or ``y_pred``); a class with no gold image and no call
+    counts as F1 0 (``zero_division=0``). An empty set gives ``{}``.
+
+    >>> classification_metrics(["LYT", "LYT", "NGS"], ["LYT", "NGS", "NGS"])["balanced_accuracy"]
+    0.75
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) == 0:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {"n": int(len(y_true)), "accuracy": float((y_true == y_pred).mean()),
+                "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+                "macro_f1": float(f1_score(y_true, y_pred, labels=None if labels is None else list(labels),
+                                           average="macro", zero_division=0))}
 
 
 # --------------------------------------------------------------------------- model vs examiners

@@ -1,7 +1,10 @@
-"""Training: augmentation, class balancing, the loop, presets, cross-validation."""
+"""Training: the config, augmentation, class balancing, the trainer, presets, cross-validation."""
 
-from leukoscope.train.loop import TrainConfig, TrainResult, fit_temperature, train
-from leukoscope.train.presets import PRESETS, list_presets, preset
+from leukoscope.evaluate.calibration import fit_temperature
+from leukoscope.train.config import TrainConfig
 from leukoscope.train.cv import CVResult, cross_validate
+from leukoscope.train.presets import PRESETS, list_presets, preset
+from leukoscope.train.trainer import Trainer, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "fit_temperature", "train", "PRESETS", "list_presets", "preset", "CVResult", "cross_validate"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "fit_temperature", "train", "PRESETS", "list_presets", "preset",
+           "CVResult", "cross_validate"]

@@ -7,7 +7,8 @@ vertical flips are folded into the same affine map. Optional brightness/contrast
 jitter follows, then the colour measures of :func:`leukoscope.stain.colour_augment`:
 HED stain jitter, saturation, gamma (tone curve) and blur (defocus), each only when
 its amount is nonzero. Everything draws from one CPU ``torch.Generator`` (random
-numbers are moved to the batch's device), so a seed gives the same batch.
+numbers are moved to the batch's device), so a seed gives the same batch. The settings are
+:class:`~leukoscope.train.config.AugmentConfig`, the ``augment`` group of a training config.
 
 >>> import torch
 >>> x = torch.full((2, 32, 32, 3), 200, dtype=torch.uint8)
@@ -19,27 +20,13 @@ numbers are moved to the batch's device), so a seed gives the same batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from leukoscope.train.config import AugmentConfig
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    rotate: bool = True
-    flip: bool = True
-    brightness: float = 0.0   # factor drawn from [1 - b, 1 + b]
-    contrast: float = 0.0     # factor drawn from [1 - c, 1 + c] around the image mean
-    stain_jitter: float = 0.0  # sigma (and bias) of HED jitter; 0 = off
-    saturation: float = 0.0   # saturation factor drawn from [1 - s, 1 + s]; 0 = off
-    gamma: float = 0.0        # log(gamma) drawn from [-g, g]; 0 = off
-    blur: float = 0.0         # Gaussian blur, sigma up to this many px (half of the images); 0 = off
-
-    @property
-    def colour(self) -> dict:
-        """Keyword arguments of :func:`leukoscope.stain.colour_augment`."""
-        return {"stain": self.stain_jitter, "saturation": self.saturation, "gamma": self.gamma, "blur": self.blur}
+__all__ = ["AugmentConfig", "augment_batch", "random_affine", "rotate_flip", "to_float_nchw"]
 
 
 def to_float_nchw(x: torch.Tensor) -> torch.Tensor:

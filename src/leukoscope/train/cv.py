@@ -27,8 +27,13 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import taxonomy
+from leukoscope.data import splits
+from leukoscope.data.splits import aligned_split, make_split, read_split, write_split
+from leukoscope.evaluate.metrics import classification_metrics
 from leukoscope.io import atomic_write_csv, atomic_write_json
-from leukoscope.train.loop import TrainConfig, resolve_training_scale, table_fingerprint, train
+from leukoscope.train.config import TrainConfig
+from leukoscope.train.loop import resolve_training_scale, table_fingerprint
+from leukoscope.train.trainer import train
 
 
 class SmallClassWarning(UserWarning):
@@ -55,27 +60,6 @@ def prediction_frame(paths, probs: np.ndarray, classes, labels=None, folds=None)
     for j, c in enumerate(classes):
         df[f"prob_{c}"] = probs[:, j] if len(df) else []
     return df
-
-
-def _align_split(split: pd.DataFrame, table: pd.DataFrame, split_path: str | None) -> pd.DataFrame:
-    """Match split rows to table paths (absolute, or relative to the split file's folder)."""
-    known = set(table["path"].astype(str))
-    sp = split.copy()
-    sp["path"] = sp["path"].astype(str)
-    if not sp["path"].isin(known).any() and split_path:
-        base = Path(split_path).resolve().parent
-        sp["path"] = [str((base / p).resolve()) if not os.path.isabs(p) else p for p in sp["path"]]
-    missing = ~sp["path"].isin(known)
-    if missing.all():
-        raise ValueError("the split lists none of the dataset's images; was it made for another dataset?")
-    if missing.any():
-        warnings.warn(f"{int(missing.sum())} images of the split are not in the dataset and are ignored, "
-                      f"e.g. {sp.loc[missing, 'path'].iloc[0]}", RuntimeWarning, stacklevel=3)
-    unsplit = len(known - set(sp["path"]))
-    if unsplit:
-        warnings.warn(f"{unsplit} images of the dataset are not in the split and are not used",
-                      RuntimeWarning, stacklevel=3)
-    return sp[~missing].reset_index(drop=True)
 
 
 def drop_small_classes(table: pd.DataFrame, folds: int, min_images: int | None = None,
@@ -106,7 +90,6 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
     exists, else a stratified (patient-wise when patients are known) split is made with
     :func:`leukoscope.data.splits.make_split` and ``seed`` (default: the config's seed).
     """
-    from leukoscope.data.splits import make_split, read_split, write_split
     from leukoscope.models.bundle import load_bundle
     from leukoscope.train.cache import build_cache
 
@@ -123,10 +106,10 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
     split_file = out / "split.csv"
     if split is not None:
         sp = read_split(split) if isinstance(split, (str, os.PathLike)) else split
-        sp = _align_split(sp, table, str(split) if isinstance(split, (str, os.PathLike)) else None)
+        sp = aligned_split(sp, table, str(split) if isinstance(split, (str, os.PathLike)) else None)
         source = f"given ({split})" if isinstance(split, (str, os.PathLike)) else "given"
     elif split_file.exists():
-        sp = _align_split(read_split(split_file), table, str(split_file))
+        sp = aligned_split(read_split(split_file), table, str(split_file))
         source = f"reused {split_file}"
     else:
         table, _ = drop_small_classes(table, folds, log=log)
@@ -171,9 +154,10 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
                 log(f"  skipped {e['path']}: {e['reason']}")
         log(f"fold {k}: training on folds != {k}")
         t0 = time.time()
-        res = train(table[table["fold"] != k], fold_dir, cfg, cache=cache, progress=progress, log=log,
+        fold_train, fold_test = splits.fold_tables(table, None, k)
+        res = train(fold_train, fold_dir, cfg, cache=cache, progress=progress, log=log,
                     training_scale=training_scale)
-        test = table[(table["fold"] == k) & table["path"].isin(set(cache.paths))]
+        test = fold_test[fold_test["path"].isin(set(cache.paths))]
         bundle = load_bundle(res.bundle_path)
         import torch
 
@@ -205,15 +189,10 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
 
 
 def summarize(preds: pd.DataFrame) -> dict:
-    """Out-of-fold balanced accuracy, macro-F1 and accuracy, overall and per fold."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score
-
+    """Out-of-fold balanced accuracy, macro-F1 and accuracy, overall and per fold
+    (:func:`leukoscope.evaluate.metrics.classification_metrics`)."""
     def m(d):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return {"n": int(len(d)), "accuracy": float((d["pred"] == d["label"]).mean()),
-                    "balanced_accuracy": float(balanced_accuracy_score(d["label"], d["pred"])),
-                    "macro_f1": float(f1_score(d["label"], d["pred"], average="macro", zero_division=0))}
+        return classification_metrics(d["label"].to_numpy(), d["pred"].to_numpy())
 
     out = m(preds)
     out["per_fold"] = {int(k): m(d) for k, d in preds.groupby("fold")}

@@ -1,4 +1,4 @@
-"""Named training presets; every field can be overridden.
+"""Named training presets: flat settings of :class:`~leukoscope.train.config.TrainConfig`; every one can be overridden.
 
 ``paper``
     Matek et al. (2019): ResNeXt-50 (32x4d) from scratch at 400x400, any-angle
@@ -28,7 +28,7 @@
 
 from __future__ import annotations
 
-from leukoscope.train.loop import TrainConfig
+from leukoscope.train.config import TrainConfig
 
 PRESETS: dict[str, dict] = {
     "paper": dict(model="resnext50_32x4d", input_size=400, epochs=50, per_class=10_000, batch_size=32,
