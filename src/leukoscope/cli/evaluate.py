@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-reference", metavar="DATA",
                    help="in-distribution labelled cells the model was not trained on: compute the OOD and stain "
                         "reference on them and store it in MODEL before evaluating")
-    p.add_argument("--split", metavar="CSV", help="split file: evaluate only the rows of DATA in --fold")
+    p.add_argument("--split", metavar="CSV", help="split file: evaluate only the rows of DATA in --fold (paths as "
+                   "in DATA, or relative to the split file's folder, as for 'leukoscope train --split')")
     p.add_argument("--fold", type=int, metavar="K", help="fold of --split to evaluate")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: mean probability over the 8 rotations by 90° and mirror images "
@@ -52,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from leukoscope.cli._common import fmt
-    from leukoscope.data import read_dataset, read_split
+    from leukoscope.data import fold_tables, read_dataset
     from leukoscope.evaluate.external import evaluate_sets, fit_reference, store_reference, write_outputs
     from leukoscope.models.bundle import load_bundle, read_meta
 
@@ -71,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
         ds = read_dataset(d, label_map=args.label_map)
         t = ds.table
         if args.split is not None:
-            sp = read_split(args.split)
-            keep = set(sp.loc[sp["fold"] == args.fold, "path"].astype(str))
-            t = t[t["path"].astype(str).isin(keep)]
+            _, t = fold_tables(t, args.split, args.fold)
+            t = t.drop(columns=["fold"])
             if t.empty:
                 raise ValueError(f"no image of {d} is in fold {args.fold} of {args.split}")
         tables.append(t)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from leukoscope.cli._common import add_label_map
+from leukoscope.cli._common import add_config_options, add_label_map, config_overrides
+from leukoscope.data import fold_tables, read_dataset
+from leukoscope.models.registry import get_config, list_models
+from leukoscope.train import train
+from leukoscope.train.presets import DEFAULT_PRESET, PRESETS, list_presets, preset
 
 NAME = "train"
 HELP = "train a model (paper ResNeXt protocol or a fast CPU preset) into a model bundle"
@@ -18,7 +22,9 @@ DESCRIPTION = (
     "presets: paper = ResNeXt-50 32x4d from scratch at 400 px, ~10,000 images/class/epoch (a GPU job); "
     "fast = the CPU preset of docs/fast_preset.md (minutes; knows one lab only); robust (the default) = fast's "
     "model with the cross-lab measures of docs/robustness.md (--scale estimate --white-balance --stain-jitter 0.1 "
-    "--saturation 0.25 --gamma 0.25 --blur 1) and --epochs 18.\n"
+    "--saturation 0.25 --gamma 0.25 --blur 1) and --epochs 18. Each setting's help ends with the presets' values.\n"
+    "Fine-tuning: --init-from BUNDLE starts from a trained model (new classes get new classifier rows), "
+    "with --head-warmup-epochs, --body-lr-scale and --freeze-bn.\n"
     "The bundle records the training images' µm/px and, fitted on the validation images, the "
     "out-of-distribution reference that 'leukoscope evaluate' compares other sources with.\n"
     "Multi-GPU: torchrun --nproc_per_node N -m leukoscope train ..."
@@ -26,81 +32,29 @@ DESCRIPTION = (
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``cv``: model/preset and every override."""
-    from leukoscope.train.presets import list_presets
-
+    """Options shared by ``train`` and ``cv``: the preset and one option per training setting."""
     p.add_argument("data", nargs="?", help="dataset: LMU folder, folder per class, CSV manifest, or folder with labels.csv")
-    g = p.add_argument_group("model and preset")
+    g = p.add_argument_group("preset")
     g.add_argument("--preset", choices=list_presets(),
-                   help="training preset (default: robust; with --model, the preset's settings for that model)")
-    g.add_argument("--model", metavar="NAME", help="model name (see --list-models)")
+                   help=f"training preset (default: {DEFAULT_PRESET}; with --model, the preset's settings for that "
+                        "model); any setting below overrides it, and the effective config is saved")
     g.add_argument("--list-models", action="store_true", help="list known models and presets, then exit")
-    o = p.add_argument_group("overrides (any preset setting; the effective config is saved)")
-    o.add_argument("--epochs", type=int)
-    o.add_argument("--per-class", type=int, metavar="N", help="images drawn per class per epoch (balancing)")
-    o.add_argument("--batch-size", type=int)
-    o.add_argument("--input-size", type=int, metavar="PX")
-    o.add_argument("--um-per-px", type=float, metavar="X", help="µm/px of the model input (default: the model's)")
-    o.add_argument("--seed", type=int)
-    o.add_argument("--lr", type=float)
-    o.add_argument("--weight-decay", type=float)
-    o.add_argument("--patience", type=int, help="early stopping: epochs without validation-loss improvement")
-    o.add_argument("--val-fraction", type=float)
-    o.add_argument("--workers", type=int, help="threads decoding images")
-    o.add_argument("--stain-jitter", type=float, nargs="?", const=0.05, metavar="SIGMA",
-                   help="HED stain jitter (leukoscope.stain): sigma of each stain's scale and shift; off in the "
-                        "paper and fast presets, 0.1 in robust; the option without a value: 0.05")
-    o.add_argument("--brightness", type=float, metavar="B", help="brightness jitter, factor in [1-B, 1+B]")
-    o.add_argument("--contrast", type=float, metavar="C", help="contrast jitter, factor in [1-C, 1+C]")
-    o.add_argument("--saturation", type=float, metavar="S",
-                   help="saturation jitter after the stain jitter: each image blended with its grey version, "
-                        "factor in [1-S, 1+S] (0 = off; robust preset 0.25)")
-    o.add_argument("--gamma", type=float, metavar="G",
-                   help="tone-curve jitter: pixel values raised to a gamma with log(gamma) in [-G, G] "
-                        "(0 = off; robust preset 0.25)")
-    o.add_argument("--blur", type=float, metavar="PX",
-                   help="defocus jitter: each image blurred with probability 1/2 by a Gaussian of sigma drawn from [0, PX] "
-                        "pixels of the "
-                        "model input (0 = off; robust preset 1)")
-    o.add_argument("--scale", choices=("stated", "estimate"),
-                   help="µm/px of the training images: 'stated' (fast and paper presets) uses the dataset's um_per_px where it "
-                        "gives one and otherwise resizes each image to the input as it is; 'estimate' estimates "
-                        "µm/px from the red cells (pooled per source) where the dataset gives none, so that cells "
-                        "have the model's physical size (robust preset); an implausible estimate is not used (warning)")
-    o.add_argument("--white-balance", action=argparse.BooleanOptionalAction, default=None,
-                   help="divide every image by the colour of its own background (the plasma between the cells), "
-                        "in training and, recorded in the bundle, in every later prediction: removes the "
-                        "illuminant's and camera's colour cast (docs/robustness.md; on in the robust preset, off "
-                        "in fast and paper; --no-white-balance switches it off)")
-    o.add_argument("--label-smoothing", type=float)
-    o.add_argument("--bf16", choices=("auto", "on", "off"), help="bf16 autocast on CPU (auto: measured default)")
-    o.add_argument("--device", help="cpu, cuda, cuda:1 (default: auto)")
+    add_config_options(p, PRESETS)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_label_map(p)
 
 
 def config_from_args(args: argparse.Namespace):
     """The effective :class:`~leukoscope.train.TrainConfig` of the command line."""
-    from leukoscope.train.presets import DEFAULT_PRESET, preset
-
-    overrides = {k: getattr(args, k, None) for k in (
-        "epochs", "per_class", "batch_size", "input_size", "um_per_px", "seed", "lr", "weight_decay", "patience",
-        "val_fraction", "workers", "stain_jitter", "brightness", "contrast", "saturation", "gamma", "blur", "scale",
-        "white_balance", "label_smoothing", "bf16", "device")}
+    overrides = config_overrides(args)
     if args.model:
-        from leukoscope.models.registry import get_config
-
         get_config(args.model)  # unknown names fail here, listing the known ones
-        overrides["model"] = args.model
         if args.input_size is None and not args.preset:
             overrides["input_size"] = get_config(args.model).input_size
     return preset(args.preset or DEFAULT_PRESET, **overrides).resolved()
 
 
 def print_models() -> None:
-    from leukoscope.models.registry import get_config, list_models
-    from leukoscope.train.presets import PRESETS
-
     print("models:")
     for name in list_models():
         c = get_config(name)
@@ -113,8 +67,6 @@ def print_models() -> None:
 
 def config_and_data(args: argparse.Namespace):
     """(effective config, dataset) of a train/cv command line, printing what the reader skipped."""
-    from leukoscope.data import read_dataset
-
     if not args.data or not args.out:
         raise ValueError("give the dataset DATA and --out RUN (or --list-models)")
     cfg = config_from_args(args)
@@ -141,21 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if args.list_models:
         print_models()
         return 0
-    from leukoscope.data import read_split
-    from leukoscope.train import train
-
     cfg, ds = config_and_data(args)
     table = ds.table
     if args.split is not None or args.fold is not None:
         if args.split is None or args.fold is None:
             raise ValueError("--split and --fold go together: train on fold != K of the split file")
-        from leukoscope.train.cv import _align_split
-
-        sp = _align_split(read_split(args.split), table, args.split)
-        if args.fold not in set(sp["fold"]):
-            raise ValueError(f"fold {args.fold} is not in {args.split} (folds: {sorted(set(sp['fold']))})")
-        keep = set(sp.loc[sp["fold"] != args.fold, "path"])
-        table = table[table["path"].astype(str).isin(keep)]
+        table, _ = fold_tables(table, args.split, args.fold)
+        table = table.drop(columns=["fold"])
         print(f"training on {len(table)} images of {args.split} (fold != {args.fold})")
     if args.resume and not (Path(args.out) / "checkpoint.pt").exists() and not (Path(args.out) / "model.safetensors").exists():
         print(f"--resume: {args.out} has no checkpoint yet; starting a new run")

@@ -187,7 +187,7 @@ class TrainConfig:
     scaling: ScaleConfig
     runtime: RuntimeConfig
     finetune: FineTuneConfig
-    seed: int = 0
+    seed: int = field(default=0, metadata=_opt("random seed (validation split, initial weights, epochs)"))
     preset: str | None = None
 
     def __init__(self, *, seed: int = 0, preset: str | None = None, **settings):
