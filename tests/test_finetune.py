@@ -83,6 +83,12 @@ def test_init_from_grows_the_head_and_keeps_the_old_logits_before_training(cells
     assert res.meta["config"]["init_from"] == str(two_class_bundle)
 
 
+def test_init_from_warns_when_the_bundle_saw_other_inputs(cells, two_class_bundle, tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"white_balance False -> True"):
+        train(cells.table, tmp_path / "wb", TrainConfig(**{**TINY, "epochs": 0}, init_from=str(two_class_bundle),
+                                                        white_balance=True), progress=False, log=quiet)
+
+
 def test_init_from_a_bundle_of_another_model_is_an_error(cells, two_class_bundle, tmp_path):
     with pytest.raises(ValueError, match="holds model 'plain_cnn', the config says 'resnet18'"):
         train(cells.table, tmp_path / "x", TrainConfig(**{**TINY, "model": "resnet18"}, init_from=str(two_class_bundle)),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import time
 
-from leukoscope.cli.train import add_train_options
+from leukoscope.cli.train import add_train_options, config_and_data, print_models
+from leukoscope.train.cv import cross_validate
 
 NAME = "cv"
 HELP = "k-fold cross-validation: one model per fold, out-of-fold predictions for every image"
@@ -25,15 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    from leukoscope.cli.train import config_and_data, print_models
-
     if args.list_models:
         print_models()
         return 0
-    from leukoscope.train.cv import cross_validate
-
     cfg, ds = config_and_data(args)
     t0 = time.time()
     res = cross_validate(ds, args.out, cfg, folds=args.folds, split=args.split, progress=not args.no_progress)

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import taxonomy
+from leukoscope.data import CellDataset
 from leukoscope.data.splits import stratified_val_split  # noqa: F401  (evaluate/external imports it from here)
 from leukoscope.train.config import SCALE_MODES
 
@@ -42,8 +43,6 @@ def classes_of(labels) -> tuple[str, ...]:
 
 def table_fingerprint(table: pd.DataFrame) -> str:
     """SHA-256 over sorted (path relative to the common folder, label, file size)."""
-    from leukoscope.data import CellDataset
-
     paths = [str(p) for p in table["path"]]
     root = os.path.commonpath(paths) if paths else "."
     if len(paths) == 1:

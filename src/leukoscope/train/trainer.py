@@ -120,6 +120,12 @@ def initial_model(cfg: TrainConfig, classes, log: Callable[[str], None] = print)
     if meta["model"] != cfg.model:
         raise ValueError(f"init_from {meta['_file']}: the bundle holds model {meta['model']!r}, the config says "
                          f"{cfg.model!r}; set the model to {meta['model']!r}")
+    saw = {"input_size": meta.get("input_size"), "white_balance": bool(meta.get("white_balance", False))}
+    differ = [f"{k} {saw[k]!r} -> {v!r}" for k, v in (("input_size", cfg.input_size),
+                                                     ("white_balance", bool(cfg.white_balance))) if saw[k] != v]
+    if differ:
+        warnings.warn(f"init_from {meta['_file']}: the bundle saw its inputs otherwise ({'; '.join(differ)}); "
+                      "its weights start from another input", RuntimeWarning, stacklevel=2)
     model = load_bundle(cfg.init_from).model.to(memory_format=torch.contiguous_format).train()
     old = list(meta["classes"])
     if old != list(classes):
