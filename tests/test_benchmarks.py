@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_config
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
@@ -96,7 +98,7 @@ def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
     the held-out fold only, with the bf16 guard from bf16_check on untimed images."""
     from leukoscope.data import make_split, read_dataset, write_split
     from leukoscope.synth import write_cells
-    from leukoscope.train import TrainConfig, train
+    from leukoscope.train import train
 
     cells = write_cells(tmp_path / "cells", per_class=12, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
     table = read_dataset(cells).table
@@ -104,8 +106,7 @@ def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
     write_split(split, tmp_path / "split.csv")
     train_paths = set(split.loc[split["fold"] != 0, "path"].astype(str))
     train(table[table["path"].astype(str).isin(train_paths)], tmp_path / "run",
-          TrainConfig(model="plain_cnn", input_size=32, epochs=1, per_class=4, batch_size=8, threads="1", workers=1,
-                      ood_reference=False, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.0}),
+          tiny_config(per_class=4, ood_reference=False, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.0}),
           progress=False, log=lambda s: None)
     common = ["--data", cells, "--split", tmp_path / "split.csv", "--fold", "0"]
     out = _run([BENCH / "trained_resnext.py", "--from", tmp_path / "run", "--out", tmp_path / "big", "--size", "40",

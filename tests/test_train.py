@@ -14,22 +14,14 @@ from leukoscope.train.augment import AugmentConfig, augment_batch
 from leukoscope.train.balance import balanced_epoch, shard
 from leukoscope.train.loop import ThreadTuner, load_checkpoint, stratified_val_split
 
-TINY = dict(model="plain_cnn", input_size=32, epochs=2, per_class=6, batch_size=8, lr=3e-3, threads="1",
-            workers=1, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.1},
-            ood_reference=False)  # one validation image per class: too few (tests/test_train_robust.py fits one)
+from conftest import tiny_config
+
 
 
 def tiny(**kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, **kw})
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory):
-    from leukoscope.data import read_dataset
-    from leukoscope.synth import write_cells
-
-    root = write_cells(tmp_path_factory.mktemp("cells"), per_class=6, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
-    return read_dataset(root)
+    """conftest's tiny config for 2 epochs, without the OOD reference: one validation image per class is too
+    few (tests/test_train_robust.py fits one). The dataset is conftest's ``cells``."""
+    return tiny_config(**{"epochs": 2, "ood_reference": False, **kw})
 
 
 # --------------------------------------------------------------------------- augmentation
