@@ -2,6 +2,7 @@
 
 No timing is asserted: these check that each script runs end to end (naive and ours in their
 own processes, tcmalloc or not) and that its JSON holds naive, ours, the ratio and agreement.
+The ones that start a script are marked ``slow``: ``make test`` runs them in its second step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def _run(args, tmp_path, env=None, timeout=300):
     return proc.stdout
 
 
+@pytest.mark.slow  # starts benchmark scripts in subprocesses (10-30 s each)
 def test_train_throughput_smoke(tmp_path):
     out = _run([BENCH / "train_throughput.py", "--smoke", "--json", tmp_path / "t.json"], tmp_path)
     res = json.loads((tmp_path / "t.json").read_text())
@@ -39,6 +41,7 @@ def test_train_throughput_smoke(tmp_path):
     assert "ratio ours/naive" in out and "| naive" in out
 
 
+@pytest.mark.slow  # starts benchmark scripts in subprocesses (10-30 s each)
 def test_predict_throughput_smoke(tmp_path):
     out = _run([BENCH / "predict_throughput.py", "--smoke", "--synthetic", "--json", tmp_path / "p.json"], tmp_path)
     res = json.loads((tmp_path / "p.json").read_text())
@@ -54,6 +57,7 @@ def test_predict_throughput_smoke(tmp_path):
     assert "class agreement" in out
 
 
+@pytest.mark.slow  # starts benchmark scripts in subprocesses (10-30 s each)
 def test_gpu_check_runs_on_cpu(tmp_path):
     if not Path("/bin/bash").exists():
         pytest.skip("needs bash")
@@ -93,6 +97,7 @@ def test_cpu_peak_from_flags():
     assert C.cpu_peak(spr)["fp32_tflops"] == pytest.approx(2 * 2.6 * 64 / 1000)
 
 
+@pytest.mark.slow  # starts benchmark scripts in subprocesses (10-30 s each)
 def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
     """trained_resnext.py fine-tunes a run at a larger size; predict_throughput.py --bundle/--data uses it on
     the held-out fold only, with the bf16 guard from bf16_check on untimed images."""
