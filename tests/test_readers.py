@@ -12,6 +12,7 @@ from PIL import Image
 from leukoscope.cli.main import main
 from leukoscope.data import (CellDataset, check_images, detect_layout, read_dataset, read_datasets, register_reader,
                              unregister_reader)
+from leukoscope.data.readers import registered_readers
 
 
 def _png(path, color=(200, 100, 150), size=16):
@@ -166,6 +167,7 @@ def test_a_registered_reader_is_what_read_dataset_uses(tmp_path):
         with pytest.raises(ValueError, match="'toy' is registered already"):
             register_reader("toy", detect=lambda p: False)(read_toy)
         assert detect_layout(root) == "toy"
+        assert [r.name for r in registered_readers()] == ["lmu", "manifest", "toy", "folders"]
         ds = read_dataset(root, label_map={"myelo": "MYO", "lympho": "LYT"})
         assert ds.layout == "toy" and sorted(ds.table["label"]) == ["LYT", "MYO"]
         assert calls == [{"myelo": "MYO", "lympho": "LYT"}]

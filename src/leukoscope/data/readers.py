@@ -1,6 +1,6 @@
 """Readers that turn a labelled single-cell collection into one dataset table.
 
-Three layouts are understood:
+Three layouts are built in:
 
 ``lmu``
     AML-Cytomorphology_LMU: ``CLASS/CLASS_NNNN.tiff`` plus ``annotations.dat``
@@ -198,7 +198,7 @@ def unregister_reader(name: str) -> None:
     del _READERS[name]
 
 
-def readers() -> list[Reader]:
+def registered_readers() -> list[Reader]:
     """The registered layouts in the order :func:`detect_layout` tries them."""
     order = {n: i for i, n in enumerate(_READERS)}
     return sorted(_READERS.values(), key=lambda r: (r.priority, order[r.name]))
@@ -210,10 +210,10 @@ def detect_layout(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    for reader in readers():
+    for reader in registered_readers():
         if reader.detect(path):
             return reader.name
-    others = [r.name for r in readers() if r.name not in _BUILT_IN]
+    others = [r.name for r in registered_readers() if r.name not in _BUILT_IN]
     also = f"; registered layouts: {', '.join(others)}" if others else ""
     if path.is_file():
         raise ValueError(f"{path}: not a dataset (expected a folder, annotations.dat or a CSV manifest{also})")
