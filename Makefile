@@ -1,6 +1,7 @@
 # LeukoScope: two commands on a fresh machine.
 #   make demo   create .venv if needed, install, run the end-to-end demo on synthetic cells
-#   make test   create .venv if needed, install, run the whole test suite
+#   make test   create .venv if needed, install, run the whole test suite: the fast tests, then the slow ones
+#   make test-fast   only the fast tests (pytest -m "not slow"), the developer's loop
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ PRELOAD  := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),)
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast install clean bench
 
 install: $(STAMP)
 
@@ -26,8 +27,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PRELOAD) $(VENV)/bin/leukoscope demo --out $(DEMO_OUT)
 
+# Two steps, both always run; any non-zero pytest exit fails (5, "no tests collected", included).
 test: $(STAMP)
-	$(PRELOAD) $(PY) -m pytest -q $(PYTEST_ARGS)
+	@rc=0; \
+	$(PRELOAD) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) || rc=$$?; \
+	echo "--- slow tests (benchmark smoke runs, DDP, 400 px)"; \
+	$(PRELOAD) $(PY) -m pytest -q -m slow $(PYTEST_ARGS) || { s=$$?; [ $$rc -ne 0 ] || rc=$$s; }; \
+	if [ $$rc -ne 0 ]; then echo "make test: a pytest step failed (exit $$rc)"; fi; \
+	exit $$rc
+
+test-fast: $(STAMP)
+	$(PRELOAD) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PRELOAD) $(PY) benchmarks/run_all.py

@@ -2,6 +2,7 @@
 
 No timing is asserted: these check that each script runs end to end (naive and ours in their
 own processes, tcmalloc or not) and that its JSON holds naive, ours, the ratio and agreement.
+The ones that start a script are marked ``slow``: ``make test`` runs them in its second step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_config
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
@@ -25,6 +28,7 @@ def _run(args, tmp_path, env=None, timeout=300):
     return proc.stdout
 
 
+@pytest.mark.slow  # starts benchmark scripts in subprocesses (10-30 s each)
 def test_train_throughput_smoke(tmp_path):
     out = _run([BENCH / "train_throughput.py", "--smoke", "--json", tmp_path / "t.json"], tmp_path)
     res = json.loads((tmp_path / "t.json").read_text())
@@ -37,6 +41,7 @@ def test_train_throughput_smoke(tmp_path):
     assert "ratio ours/naive" in out and "| naive" in out
 
 
+@pytest.mark.slow  # starts benchmark scripts in subprocesses (10-30 s each)
 def test_predict_throughput_smoke(tmp_path):
     out = _run([BENCH / "predict_throughput.py", "--smoke", "--synthetic", "--json", tmp_path / "p.json"], tmp_path)
     res = json.loads((tmp_path / "p.json").read_text())
@@ -52,6 +57,7 @@ def test_predict_throughput_smoke(tmp_path):
     assert "class agreement" in out
 
 
+@pytest.mark.slow  # starts benchmark scripts in subprocesses (10-30 s each)
 def test_gpu_check_runs_on_cpu(tmp_path):
     if not Path("/bin/bash").exists():
         pytest.skip("needs bash")
@@ -91,12 +97,13 @@ def test_cpu_peak_from_flags():
     assert C.cpu_peak(spr)["fp32_tflops"] == pytest.approx(2 * 2.6 * 64 / 1000)
 
 
+@pytest.mark.slow  # starts benchmark scripts in subprocesses (10-30 s each)
 def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
     """trained_resnext.py fine-tunes a run at a larger size; predict_throughput.py --bundle/--data uses it on
     the held-out fold only, with the bf16 guard from bf16_check on untimed images."""
     from leukoscope.data import make_split, read_dataset, write_split
     from leukoscope.synth import write_cells
-    from leukoscope.train import TrainConfig, train
+    from leukoscope.train import train
 
     cells = write_cells(tmp_path / "cells", per_class=12, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
     table = read_dataset(cells).table
@@ -104,8 +111,7 @@ def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
     write_split(split, tmp_path / "split.csv")
     train_paths = set(split.loc[split["fold"] != 0, "path"].astype(str))
     train(table[table["path"].astype(str).isin(train_paths)], tmp_path / "run",
-          TrainConfig(model="plain_cnn", input_size=32, epochs=1, per_class=4, batch_size=8, threads="1", workers=1,
-                      ood_reference=False, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.0}),
+          tiny_config(per_class=4, ood_reference=False, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.0}),
           progress=False, log=lambda s: None)
     common = ["--data", cells, "--split", tmp_path / "split.csv", "--fold", "0"]
     out = _run([BENCH / "trained_resnext.py", "--from", tmp_path / "run", "--out", tmp_path / "big", "--size", "40",

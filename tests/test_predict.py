@@ -10,15 +10,16 @@ import pytest
 
 from leukoscope.cli.main import main
 
+from conftest import SYNTH_CLASSES, SYNTH_PER_CLASS
+
 TINY_ARGS = ["--preset", "fast", "--model", "plain_cnn", "--input-size", "32", "--epochs", "1", "--per-class", "4", "--batch-size", "8",
              "--workers", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def cells(tmp_path_factory):
-    from leukoscope.synth import write_cells
-
-    return write_cells(tmp_path_factory.mktemp("cells"), per_class=5, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
+def cells(cells_root):
+    """This module passes folders to the CLI: the shared synthetic dataset's folder (conftest, 4 classes x 6)."""
+    return cells_root
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_predict_csv_columns_blast_score_and_bad_images_skipped(run_dir, cells, 
     df = pd.read_csv(out)
     assert df.columns.tolist() == ["path", "pred", "p_blast", "p_atypical", "prob_LYT", "prob_MOB", "prob_MYO",
                                    "prob_NGS"]
-    assert len(df) == 5
+    assert len(df) == SYNTH_PER_CLASS  # every MYO image, none of the bad ones
     assert np.allclose(df["p_blast"], df["prob_MYO"] + df["prob_MOB"])
     assert np.allclose(df["p_atypical"], df["prob_MYO"] + df["prob_MOB"])  # LYT and NGS are not atypical
     assert np.allclose(df.filter(like="prob_").sum(axis=1), 1)
@@ -80,7 +81,7 @@ def test_cv_command_writes_predictions_once_per_image(cells, tmp_path):
     out = tmp_path / "cv"
     assert main(["cv", str(cells), "--folds", "2", *TINY_ARGS, "--out", str(out)]) == 0
     preds = pd.read_csv(out / "predictions.csv")
-    assert len(preds) == 20 and preds["path"].is_unique and set(preds["fold"]) == {0, 1}
+    assert len(preds) == len(SYNTH_CLASSES) * SYNTH_PER_CLASS and preds["path"].is_unique and set(preds["fold"]) == {0, 1}
     assert (out / "split.csv").exists() and (out / "config.json").exists()
 
 
@@ -90,7 +91,9 @@ def test_train_on_a_split_fold(cells, tmp_path):
     out = tmp_path / "f0"
     assert main(["train", str(cells), *TINY_ARGS, "--split", str(split), "--fold", "0", "--out", str(out)]) == 0
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["metrics"]["n_train"] + meta["metrics"]["n_val"] == 16
+    held_out = (pd.read_csv(split)["fold"] == 0).sum()
+    assert 0 < held_out < len(SYNTH_CLASSES) * SYNTH_PER_CLASS
+    assert meta["metrics"]["n_train"] + meta["metrics"]["n_val"] == len(SYNTH_CLASSES) * SYNTH_PER_CLASS - held_out
 
 
 def test_export_command(run_dir, tmp_path, capsys):

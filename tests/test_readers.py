@@ -1,6 +1,8 @@
 """Every reader on real data and on files the tests make; every bad-input case."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,7 +10,9 @@ import pytest
 from PIL import Image
 
 from leukoscope.cli.main import main
-from leukoscope.data import check_images, detect_layout, read_dataset
+from leukoscope.data import (CellDataset, check_images, detect_layout, read_dataset, read_datasets, register_reader,
+                             unregister_reader)
+from leukoscope.data.readers import registered_readers
 
 
 def _png(path, color=(200, 100, 150), size=16):
@@ -136,3 +140,69 @@ def test_cli_error_is_one_clean_line(tmp_path, capsys):
     assert main(["data", "summary", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------- registry, several datasets
+
+
+def test_a_registered_reader_is_what_read_dataset_uses(tmp_path):
+    """A new format is one function and one registration; the built-in layouts and their errors stay."""
+    root = tmp_path / "toy"
+    _png(root / "MYO" / "a.png")  # class folders too: the toy layout (priority 50) comes before the catch-all
+    _png(root / "b.png")
+    (root / "toy.txt").write_text("MYO/a.png myelo\nb.png lympho\n")
+    calls = []
+
+    def read_toy(path, label_map=None):
+        calls.append(label_map)
+        rows = [line.split() for line in (path / "toy.txt").read_text().splitlines()]
+        table = pd.DataFrame({"path": [str((path / r).resolve()) for r, _ in rows],
+                              "label": [label_map[lab] for _, lab in rows], "patient": pd.NA, "source": pd.NA,
+                              "um_per_px": np.nan})
+        return CellDataset(table, "toy", path.resolve())
+
+    assert detect_layout(root) == "folders"
+    register_reader("toy", detect=lambda p: (p / "toy.txt").exists())(read_toy)
+    try:
+        with pytest.raises(ValueError, match="'toy' is registered already"):
+            register_reader("toy", detect=lambda p: False)(read_toy)
+        assert detect_layout(root) == "toy"
+        assert [r.name for r in registered_readers()] == ["lmu", "manifest", "toy", "folders"]
+        ds = read_dataset(root, label_map={"myelo": "MYO", "lympho": "LYT"})
+        assert ds.layout == "toy" and sorted(ds.table["label"]) == ["LYT", "MYO"]
+        assert calls == [{"myelo": "MYO", "lympho": "LYT"}]
+        (tmp_path / "nothing").mkdir()
+        with pytest.raises(ValueError, match="no class folders; registered layouts: toy"):
+            read_dataset(tmp_path / "nothing")
+    finally:
+        unregister_reader("toy")
+    assert detect_layout(root) == "folders"
+    with pytest.raises(ValueError, match=r"no class folders\)$"):
+        read_dataset(tmp_path / "nothing")
+    with pytest.raises(KeyError, match="no dataset reader named 'toy'"):
+        unregister_reader("toy")
+
+
+def test_read_datasets_one_table_a_source_each_and_no_image_twice(cells_root, tmp_path):
+    lab_a = tmp_path / "lab_a"
+    for i in range(2):
+        _png(lab_a / "neutrophil" / f"n{i}.png")
+    _png(tmp_path / "lab_b" / "img" / "x.png")
+    _png(tmp_path / "lab_b" / "img" / "y.png")
+    (tmp_path / "lab_b" / "labels.csv").write_text("path,label,source\nimg/x.png,MYO,hospital\nimg/y.png,NGS,\n")
+    ds = read_datasets([cells_root, lab_a, tmp_path / "lab_b"], label_maps=[None, {"neutrophil": "NGS"}, None])
+    assert ds.layout == "multi" and len(ds) == 24 + 2 + 2 and ds.table["path"].is_unique
+    by_source = ds.table.groupby("source")["label"].apply(sorted).to_dict()
+    assert by_source == {"lmu": sorted(read_dataset(cells_root).table["label"]), "lab_a": ["NGS", "NGS"],
+                         "hospital": ["MYO"], "lab_b": ["NGS"]}  # its own source where it has one, else the folder
+    assert ds.table["reannotation1"].notna().sum() == 24  # a dataset's own columns are kept
+    assert [d["layout"] for d in ds.extra["datasets"]] == ["lmu", "folders", "manifest"]
+    assert ds.root == Path(os.path.commonpath([cells_root.resolve(), tmp_path.resolve()]))
+    # the same image twice is refused, naming it
+    (tmp_path / "again.csv").write_text(f"path,label\n{lab_a / 'neutrophil' / 'n0.png'},NGS\n")
+    with pytest.raises(ValueError, match="n0.png: the same image is in two datasets"):
+        read_datasets([lab_a, tmp_path / "again.csv"], label_maps=[{"neutrophil": "NGS"}, None])
+    with pytest.raises(ValueError, match="1 label maps for 2 datasets"):
+        read_datasets([lab_a, tmp_path / "lab_b"], label_maps=[None])
+    with pytest.raises(ValueError, match="no dataset given"):
+        read_datasets([])

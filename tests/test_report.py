@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from leukoscope import INTENDED_USE
 from leukoscope.cli.main import main
 from leukoscope.evaluate.saliency import saliency_map, select_examples
+from leukoscope.models import bundle
+from leukoscope.models.registry import create_model
 from leukoscope.report.build import make_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -155,7 +158,6 @@ def test_cli(tmp_path, capsys):
 # ------------------------------------------------------------------ saliency
 
 def test_saliency_map_is_abs_gradient_max_over_channels():
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
@@ -180,9 +182,6 @@ def test_select_examples_right_and_wrong():
 
 
 def tiny_bundle(path, classes):
-    bundle = pytest.importorskip("leukoscope.models.bundle")
-    from leukoscope.models.registry import create_model
-
     kw = {"widths": (4, 8), "hidden": 8, "dropout": 0.0}
     model = create_model("plain_cnn", num_classes=len(classes), input_size=32, **kw)
     meta = bundle.make_meta(classes=classes, model="plain_cnn", input_size=32, mean=(0.5, 0.5, 0.5),

@@ -8,6 +8,7 @@ import torch
 
 from leukoscope.stain import (blur_jitter, colour_augment, gamma_jitter, hed_jitter, hed_to_rgb, lab_stats,
                               normalize_stain, reference_stats, rgb_to_hed, saturation_jitter)
+from leukoscope.train import augment as aug
 
 
 def batch(n=4, s=24, seed=0):
@@ -81,7 +82,6 @@ def test_colour_augment_chain_is_deterministic():
 
 
 def test_trainers_augmentation_calls_hed_jitter_when_asked():
-    aug = pytest.importorskip("leukoscope.train.augment")
     x = torch.full((2, 16, 16, 3), 180, dtype=torch.uint8)
     off = aug.augment_batch(x, gen(0), aug.AugmentConfig(rotate=False, flip=False))
     on = aug.augment_batch(x, gen(0), aug.AugmentConfig(rotate=False, flip=False, stain_jitter=0.1))

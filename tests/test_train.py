@@ -16,22 +16,14 @@ from leukoscope.data.splits import stratified_val_split
 from leukoscope.train.checkpoint import load_checkpoint
 from leukoscope.train.threads import ThreadTuner
 
-TINY = dict(model="plain_cnn", input_size=32, epochs=2, per_class=6, batch_size=8, lr=3e-3, threads="1",
-            workers=1, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.1},
-            ood_reference=False)  # one validation image per class: too few (tests/test_train_robust.py fits one)
+from conftest import tiny_config
+
 
 
 def tiny(**kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, **kw})
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory):
-    from leukoscope.data import read_dataset
-    from leukoscope.synth import write_cells
-
-    root = write_cells(tmp_path_factory.mktemp("cells"), per_class=6, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
-    return read_dataset(root)
+    """conftest's tiny config for 2 epochs, without the OOD reference: one validation image per class is too
+    few (tests/test_train_robust.py fits one). The dataset is conftest's ``cells``."""
+    return tiny_config(**{"epochs": 2, "ood_reference": False, **kw})
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -67,7 +59,6 @@ def test_augmentation_is_deterministic_under_a_seed_and_varies_across_seeds():
 
 
 def test_stain_jitter_is_used_when_asked_and_seeded():
-    pytest.importorskip("leukoscope.stain")
     x = _bordered(3)
     cfg = AugmentConfig(rotate=False, flip=False, stain_jitter=0.1)
     a = augment_batch(x, torch.Generator().manual_seed(3), cfg)
@@ -219,26 +210,72 @@ def test_unknown_model_lists_the_known_ones(cells, tmp_path):
         train(cells.table, tmp_path / "x", tiny(model="resnet1000"), progress=False)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_ddp_two_processes_on_cpu(cells, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(cells, tmp_path_factory):
+    """Two gloo processes train on their own shards; each dumps (initial, final) weights of the module DDP wrapped."""
     import torch.multiprocessing as mp
 
-    table = tmp_path / "t.pkl"
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not built")
+    tmp = tmp_path_factory.mktemp("ddp")
+    table = tmp / "t.pkl"
     cells.table.to_pickle(table)
-    mp.start_processes(_ddp_worker, args=(2, str(table), str(tmp_path / "ddp")), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, str(table), str(tmp / "ddp"), str(tmp / "weights")), nprocs=2,
+                       start_method="spawn")
+    return tmp / "ddp", [torch.load(tmp / "weights" / f"rank{r}.pt") for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_end_with_identical_weights(ddp_run):
+    """Both ranks end with the same parameters, which training changed, and rank 0 saved its model in the bundle."""
     from leukoscope.models import load_bundle
 
-    b = load_bundle(tmp_path / "ddp" / "model.safetensors")
+    out, ((start0, end0, names), (start1, end1, _)) = ddp_run
+    b = load_bundle(out / "model.safetensors")
     assert len(b.classes) == 4
+    assert end0.keys() == end1.keys() == start0.keys() and names and set(names) <= set(end0)
+    assert all(torch.equal(start0[k], start1[k]) for k in start0)  # DDP broadcasts rank 0's initial weights
+    differ = [k for k in names if not torch.equal(end0[k], end1[k])]
+    assert not differ, f"parameters that differ between the ranks: {differ}"
+    assert any(not torch.equal(start0[k], end0[k]) for k in names)  # it did train
+    saved = b.model.state_dict()
+    assert saved.keys() == end0.keys() and all(torch.equal(saved[k].cpu(), end0[k]) for k in end0)
 
 
-def _ddp_worker(rank, world, table, out):
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known defect (issue 14 DDP check): BatchNorm running statistics are updated "
+                   "by each rank's own last batch and never re-synchronised, so the ranks validate (best epoch, early "
+                   "stop) on different models; broadcasting the buffers from rank 0 before validation fixes it")
+def test_ddp_ranks_end_with_identical_buffers(ddp_run):
+    _, ((_, end0, names), (_, end1, _)) = ddp_run
+    differ = [k for k in end0 if k not in names and not torch.equal(end0[k], end1[k])]
+    assert not differ, f"buffers that differ between the ranks: {differ}"
+
+
+def _ddp_worker(rank, world, table, out, dumps):
+    """One DDP rank: trains, then saves (initial, final, parameter names) of the module that DDP wrapped."""
+    from torch.nn.parallel import DistributedDataParallel
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("LEUKOSCOPE_TEST_PORT", "29517"))
     torch.set_num_threads(1)
-    train(pd.read_pickle(table), out, tiny(epochs=1, device="cpu"), progress=False, log=lambda s: None)
+    wrapped = []
+    init = DistributedDataParallel.__init__
+
+    def recording_init(self, module, *args, **kwargs):  # the class itself: however the trainer imported it
+        wrapped.append((module, {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}))
+        init(self, module, *args, **kwargs)
+
+    DistributedDataParallel.__init__ = recording_init
+    try:
+        train(pd.read_pickle(table), out, tiny(epochs=1, device="cpu"), progress=False, log=lambda s: None)
+    finally:
+        DistributedDataParallel.__init__ = init
     torch.distributed.destroy_process_group()
+    ((module, start),) = wrapped
+    os.makedirs(dumps, exist_ok=True)
+    end = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    torch.save((start, end, [k for k, _ in module.named_parameters()]), os.path.join(dumps, f"rank{rank}.pt"))
 
 
 # --------------------------------------------------------------------------- cross-validation

@@ -17,26 +17,14 @@ from leukoscope.train.augment import AugmentConfig, augment_batch
 from leukoscope.train.config import config_diff as _config_diff
 from leukoscope.train.loop import resolve_training_scale
 
-TINY = dict(model="plain_cnn", input_size=32, epochs=1, per_class=6, batch_size=8, lr=3e-3, threads="1",
-            workers=1, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.1})
+from conftest import tiny_config
+
 COLOUR = ("saturation", "gamma", "blur")
-
-
-def tiny(**kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, **kw})
+tiny = tiny_config  # conftest's tiny training config; the dataset is conftest's ``cells``
 
 
 def quiet(_):
     pass
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory):
-    from leukoscope.data import read_dataset
-    from leukoscope.synth import write_cells
-
-    root = write_cells(tmp_path_factory.mktemp("cells"), per_class=6, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
-    return read_dataset(root)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from leukoscope.models.preprocess import dihedral_views, prepare_image
 from leukoscope.stain import background_colour, white_balance
 from leukoscope.train import TrainConfig, train
 
+from conftest import TINY as BASE_TINY
 from conftest import shared_path as shared
 
-TINY = dict(model="plain_cnn", input_size=32, epochs=1, per_class=8, batch_size=8, seed=0, workers=1,
-            val_fraction=0.5, model_kwargs={"widths": [8, 16], "hidden": 16, "dropout": 0.1})
+TINY = {**BASE_TINY, "per_class": 8, "seed": 0, "val_fraction": 0.5}  # conftest's tiny config; data: conftest's cells
 
 
 def quiet(_):
@@ -25,15 +25,6 @@ def quiet(_):
 def cast(img: np.ndarray, gains=(1.0, 0.88, 0.78)) -> np.ndarray:
     """The same slide under a yellowish illuminant: each channel scaled (no clipping for gains <= 1)."""
     return (img.astype(np.float32) * np.asarray(gains, np.float32) + 0.5).clip(0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def cells(tmp_path_factory):
-    from leukoscope.data import read_dataset
-    from leukoscope.synth import write_cells
-
-    root = write_cells(tmp_path_factory.mktemp("cells"), per_class=6, size=48, classes=["LYT", "MOB", "MYO", "NGS"])
-    return read_dataset(root)
 
 
 def test_white_balance_makes_the_background_neutral_and_is_deterministic(cells):

@@ -1,6 +1,6 @@
 """Readers that turn a labelled single-cell collection into one dataset table.
 
-Three layouts are understood:
+Three layouts are built in:
 
 ``lmu``
     AML-Cytomorphology_LMU: ``CLASS/CLASS_NNNN.tiff`` plus ``annotations.dat``
@@ -14,6 +14,16 @@ Three layouts are understood:
     relative to the manifest's folder unless absolute. A folder holding
     ``labels.csv`` is read as that manifest. Rows with an empty label are skipped
     and counted.
+
+A reader registers itself with :func:`register_reader` (a name, a test that recognises its layout,
+and the function that reads it); :func:`detect_layout` and :func:`read_dataset` dispatch through
+the registry, so a new format is one function and one registration::
+
+    @register_reader("mylab", detect=lambda p: (p / "mylab.json").exists())
+    def read_mylab(path, label_map=None) -> CellDataset: ...
+
+:func:`read_datasets` reads several datasets (several labs) into one table, with a ``source``
+per dataset.
 
 Every reader returns a :class:`CellDataset` whose ``table`` has one row per
 usable image: ``path`` (absolute), ``label`` (a class of
@@ -29,7 +39,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -125,7 +135,12 @@ def read_label_map(spec: str | os.PathLike | Mapping[str, str] | None) -> dict[s
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows)
+    return _tidy(pd.DataFrame(rows))
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """The table's columns in order (missing ones added as NA), sorted by path."""
+    df = df.copy()
     for col in TABLE_COLUMNS:
         if col not in df:
             df[col] = np.nan if col == "um_per_px" else pd.NA
@@ -141,26 +156,82 @@ def _resolve_label(raw: str, label_map: Mapping[str, str] | None) -> str:
     return raw
 
 
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A registered layout: ``detect(path)`` says whether ``path`` holds it (``path`` exists; a file or
+    a folder), ``read(path, label_map)`` reads it. Layouts are tried by ``priority``, lowest first."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    read: Callable[..., "CellDataset"]
+    priority: int = 50
+
+
+_READERS: dict[str, Reader] = {}
+_BUILT_IN = ("lmu", "manifest", "folders")
+
+
+def register_reader(name: str, detect: Callable[[Path], bool], *, priority: int = 50):
+    """Decorator: register ``read(path, label_map=None) -> CellDataset`` as layout ``name``.
+
+    ``detect(path)`` gets an existing file or folder and says whether it holds this layout; layouts
+    are tried by ``priority`` (lowest first, then in order of registration). The built-in ones:
+    ``lmu`` 10, ``manifest`` 20, ``folders`` 90 (any folder with sub-folders: the catch-all).
+    """
+    if name in _READERS:
+        raise ValueError(f"a dataset reader named {name!r} is registered already")
+
+    def register(read: Callable[..., CellDataset]) -> Callable[..., CellDataset]:
+        _READERS[name] = Reader(name, detect, read, priority)
+        return read
+
+    return register
+
+
+def unregister_reader(name: str) -> None:
+    """Remove layout ``name`` from the registry (a ``KeyError`` names the known ones if it is absent)."""
+    if name not in _READERS:
+        raise KeyError(f"no dataset reader named {name!r}; known: {', '.join(_READERS)}")
+    del _READERS[name]
+
+
+def registered_readers() -> list[Reader]:
+    """The registered layouts in the order :func:`detect_layout` tries them."""
+    order = {n: i for i, n in enumerate(_READERS)}
+    return sorted(_READERS.values(), key=lambda r: (r.priority, order[r.name]))
+
+
 def detect_layout(path: str | os.PathLike) -> str:
-    """``lmu``, ``manifest`` or ``folders``; raises if the path holds none of them."""
+    """The first registered layout that recognises ``path`` (built in: ``lmu``, ``manifest``,
+    ``folders``); raises if the path holds none of them."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    for reader in registered_readers():
+        if reader.detect(path):
+            return reader.name
+    others = [r.name for r in registered_readers() if r.name not in _BUILT_IN]
+    also = f"; registered layouts: {', '.join(others)}" if others else ""
     if path.is_file():
-        if path.name == ANNOTATIONS_NAME:
-            return "lmu"
-        if path.suffix.lower() == ".csv":
-            return "manifest"
-        raise ValueError(f"{path}: not a dataset (expected a folder, annotations.dat or a CSV manifest)")
-    if (path / ANNOTATIONS_NAME).exists():
-        return "lmu"
-    if any((path / n).exists() for n in MANIFEST_NAMES):
-        return "manifest"
-    if any(d.is_dir() for d in path.iterdir()):
-        return "folders"
+        raise ValueError(f"{path}: not a dataset (expected a folder, annotations.dat or a CSV manifest{also})")
     raise ValueError(
-        f"{path}: no dataset found (no {ANNOTATIONS_NAME}, no labels.csv manifest, no class folders)"
+        f"{path}: no dataset found (no {ANNOTATIONS_NAME}, no labels.csv manifest, no class folders{also})"
     )
+
+
+def _holds_lmu(path: Path) -> bool:
+    return path.name == ANNOTATIONS_NAME if path.is_file() else (path / ANNOTATIONS_NAME).exists()
+
+
+def _holds_manifest(path: Path) -> bool:
+    return path.suffix.lower() == ".csv" if path.is_file() else any((path / n).exists() for n in MANIFEST_NAMES)
+
+
+def _holds_class_folders(path: Path) -> bool:
+    return path.is_dir() and any(d.is_dir() for d in path.iterdir())
 
 
 # ----------------------------------------------------------------------------- LMU
@@ -261,9 +332,16 @@ def read_lmu(root: str | os.PathLike, annotations: str | os.PathLike | None = No
     return CellDataset(_frame(rows), "lmu", root.resolve(), skipped, notes, extra)
 
 
+@register_reader("lmu", detect=_holds_lmu, priority=10)
+def _read_lmu_layout(path: str | os.PathLike, label_map: Mapping[str, str] | None = None) -> CellDataset:
+    """The LMU layout's labels are the taxonomy's own: a label map does not apply."""
+    return read_lmu(path)
+
+
 # ----------------------------------------------------------------------------- folders
 
 
+@register_reader("folders", detect=_holds_class_folders, priority=90)
 def read_folders(root: str | os.PathLike, label_map: Mapping[str, str] | None = None) -> CellDataset:
     """One sub-folder per class; the folder name is the label (or mapped through ``label_map``)."""
     root = Path(root)
@@ -294,6 +372,7 @@ def read_folders(root: str | os.PathLike, label_map: Mapping[str, str] | None = 
 # ----------------------------------------------------------------------------- manifest
 
 
+@register_reader("manifest", detect=_holds_manifest, priority=20)
 def read_manifest(path: str | os.PathLike, label_map: Mapping[str, str] | None = None,
                   *, check_files: bool = True) -> CellDataset:
     """CSV ``path,label[,patient][,source][,um_per_px][,...]``; empty labels are skipped and counted."""
@@ -356,18 +435,55 @@ def read_manifest(path: str | os.PathLike, label_map: Mapping[str, str] | None =
 
 def read_dataset(path: str | os.PathLike, label_map: str | os.PathLike | Mapping[str, str] | None = None,
                  *, annotations: str | os.PathLike | None = None) -> CellDataset:
-    """Read any supported layout (see the module docstring) into a :class:`CellDataset`.
+    """Read any registered layout (see the module docstring) into a :class:`CellDataset`.
 
     ``label_map`` (dict, JSON or CSV file) maps the dataset's own labels to LMU classes.
     ``annotations`` points at an ``annotations.dat`` elsewhere (LMU layout only).
     """
     mapping = read_label_map(label_map)
-    layout = "lmu" if annotations else detect_layout(path)
-    if layout == "lmu":
+    if annotations:
         return read_lmu(path, annotations)
-    if layout == "manifest":
-        return read_manifest(path, mapping)
-    return read_folders(path, mapping)
+    return _READERS[detect_layout(path)].read(path, mapping)
+
+
+def read_datasets(paths: Sequence[str | os.PathLike],
+                  label_maps: Sequence[str | os.PathLike | Mapping[str, str] | None] | None = None) -> CellDataset:
+    """Read several datasets (several labs, say) into one :class:`CellDataset`.
+
+    Each path is read by :func:`read_dataset`, with ``label_maps[i]`` when given (one entry per path,
+    ``None`` for none). Each row keeps its dataset's ``source`` where it has one, else gets the
+    dataset's folder name. The same image in two datasets is refused (a ``ValueError`` naming it
+    and both datasets); a source name shared by two datasets is noted. ``layout`` is ``multi``,
+    ``root`` the folders' common parent, ``extra['datasets']`` each dataset's summary.
+    """
+    paths = list(paths)
+    if not paths:
+        raise ValueError("read_datasets: no dataset given")
+    maps = [None] * len(paths) if label_maps is None else list(label_maps)
+    if len(maps) != len(paths):
+        raise ValueError(f"read_datasets: {len(maps)} label maps for {len(paths)} datasets (give one per dataset, "
+                         "None for none)")
+    parts, roots, summaries, skipped, notes, seen, sources = [], [], [], [], [], {}, {}
+    for path, label_map in zip(paths, maps):
+        ds = read_dataset(path, label_map)
+        roots.append(str(ds.root))
+        summaries.append(ds.summary())
+        table = ds.table.copy()
+        empty = table["source"].isna() | (table["source"].astype(str).str.strip() == "")
+        table.loc[empty, "source"] = ds.root.name
+        for p in table["path"]:
+            if p in seen:
+                raise ValueError(f"{p}: the same image is in two datasets, {seen[p]} and {path}")
+            seen[p] = path
+        for src in table["source"].unique():
+            sources.setdefault(src, []).append(str(path))
+        parts.append(table)
+        skipped += ds.skipped
+        notes += [f"{ds.root}: {n}" for n in ds.notes]
+    notes += [f"source {src!r} comes from {len(ps)} datasets: {', '.join(ps)}" for src, ps in sources.items()
+              if len(ps) > 1]
+    table = _tidy(pd.concat(parts, ignore_index=True))
+    return CellDataset(table, "multi", Path(os.path.commonpath(roots)), skipped, notes, {"datasets": summaries})
 
 
 def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
