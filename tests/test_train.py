@@ -243,9 +243,6 @@ def test_ddp_two_processes_on_cpu_end_with_identical_weights(ddp_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known defect (issue 14 DDP check): BatchNorm running statistics are updated "
-                   "by each rank's own last batch and never re-synchronised, so the ranks validate (best epoch, early "
-                   "stop) on different models; broadcasting the buffers from rank 0 before validation fixes it")
 def test_ddp_ranks_end_with_identical_buffers(ddp_run):
     _, ((_, end0, names), (_, end1, _)) = ddp_run
     differ = [k for k in end0 if k not in names and not torch.equal(end0[k], end1[k])]

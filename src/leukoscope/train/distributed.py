@@ -53,6 +53,21 @@ def barrier(info: DistInfo) -> None:
             dist.barrier()
 
 
+def broadcast_buffers(model, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each training forward, but each rank's last batch
+    then updates its own statistics; without this, the ranks would validate (best epoch, early
+    stopping) on different models.
+    """
+    if info.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            for buf in model.buffers():
+                dist.broadcast(buf.data, src=0)
+
+
 def pick_device(info: DistInfo, device: str = "auto") -> str:
     import torch
 

@@ -64,7 +64,7 @@ from leukoscope.train.balance import balanced_epoch, shard
 from leukoscope.train.cache import build_cache
 from leukoscope.train.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from leukoscope.train.config import TrainConfig, config_diff
-from leukoscope.train.distributed import barrier, init_distributed, pick_device
+from leukoscope.train.distributed import barrier, broadcast_buffers, init_distributed, pick_device
 from leukoscope.train.loop import _fit_ood_reference, classes_of, resolve_training_scale, table_fingerprint
 from leukoscope.train.threads import tuner_for
 
@@ -349,6 +349,7 @@ class Trainer:
     def end_epoch(self, epoch: int, losses, seen: int, t_train: float, t_epoch: float) -> dict:
         """Validate, update early stopping and the best weights, checkpoint, log; returns the log row."""
         cfg, state, n_val = self.cfg, self.state, len(self.va_idx)
+        broadcast_buffers(self.model, self.dist)  # every rank validates the same model
         m = validation_metrics(self.validation_logits(), self.y_va, self.classes) if n_val else {}
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "val_loss": m.get("loss", float("nan")), "val_balanced_acc": m.get("balanced_accuracy", float("nan")),
