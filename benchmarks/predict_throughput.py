@@ -62,7 +62,7 @@ DEFAULT_WAYS = WAYS[:4]
 
 
 def prepare_images(paths, size: int) -> np.ndarray:
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
     from leukoscope.models.preprocess import prepare_image
 
     return np.stack([prepare_image(load_rgb(p), size) for p in paths])

@@ -37,7 +37,7 @@ def pbc_cells(table, label, n, offset):
 
 def inverted_copies(table, root):
     """Colour-inverted copies of the images of ``table`` in ``root``: an obviously shifted set."""
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []

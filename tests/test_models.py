@@ -13,7 +13,7 @@ from leukoscope.models import (
     NotABundleError, create_model, get_config, list_models, load_bundle, prepare_image, read_meta, save_bundle,
 )
 from leukoscope.models.bundle import make_meta
-from leukoscope.scale import LMU_UM_PER_PX
+from leukoscope.imaging.scale import LMU_UM_PER_PX
 
 SMALL = {"widths": [4, 8], "hidden": 8, "dropout": 0.0}
 

@@ -65,7 +65,6 @@ def test_augmentation_is_deterministic_under_a_seed_and_varies_across_seeds():
 
 
 def test_stain_jitter_is_used_when_asked_and_seeded():
-    pytest.importorskip("leukoscope.stain")
     x = _bordered(3)
     cfg = AugmentConfig(rotate=False, flip=False, stain_jitter=0.1)
     a = augment_batch(x, torch.Generator().manual_seed(3), cfg)

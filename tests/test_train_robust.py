@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from leukoscope.stain import colour_augment
+from leukoscope.train.augment import colour_augment
 from leukoscope.train import TrainConfig, cross_validate, preset, train
 from leukoscope.train.augment import AugmentConfig, augment_batch
 from leukoscope.train.loop import _config_diff, resolve_training_scale
@@ -210,8 +210,8 @@ def test_lmu_crops_resized_by_a_known_factor_get_their_scale_estimated(lmu_sampl
     from PIL import Image
 
     from leukoscope.data import read_dataset
-    from leukoscope.images import load_rgb
-    from leukoscope.scale import LMU_UM_PER_PX, rescale
+    from leukoscope.imaging.images import load_rgb
+    from leukoscope.imaging.scale import LMU_UM_PER_PX, rescale
 
     f = 0.5
     rows = []

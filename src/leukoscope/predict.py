@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import taxonomy
-from leukoscope.images import ImageError, load_rgb
+from leukoscope.imaging.images import ImageError, load_rgb
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
 
@@ -39,7 +39,7 @@ def _trained_on_estimated_scale(bundle) -> bool:
 def estimate_input_scale(inputs: Iterable[str | os.PathLike], paths: Sequence[Path]) -> tuple[dict, dict]:
     """µm/px per image from the red cells, pooled per input (a folder given on the command line is one
     source; single files are pooled per parent folder): ``({path: µm/px or None}, record)``."""
-    from leukoscope.scale_estimate import resolve_um_per_px
+    from leukoscope.imaging.scale_estimate import resolve_um_per_px
 
     roots = [Path(i).resolve() for i in inputs if Path(i).is_dir()]
 

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _expand(paths: list[str]) -> list[str]:
     from pathlib import Path
 
-    from leukoscope.images import is_image_file
+    from leukoscope.imaging.images import is_image_file
 
     out = []
     for s in paths:

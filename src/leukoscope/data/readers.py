@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import taxonomy
-from leukoscope.images import IMAGE_SUFFIXES, ImageError, is_image_file, load_rgb
-from leukoscope.scale import LMU_UM_PER_PX
+from leukoscope.imaging.images import IMAGE_SUFFIXES, ImageError, is_image_file, load_rgb
+from leukoscope.imaging.scale import LMU_UM_PER_PX
 
 ANNOTATIONS_NAME = "annotations.dat"
 MANIFEST_NAMES = ("labels.csv", "manifest.csv")
@@ -220,8 +220,8 @@ def read_lmu(root: str | os.PathLike, annotations: str | os.PathLike | None = No
     for rel in sorted(on_disk - listed):
         skipped.append({"path": str(root / rel), "reason": f"image not listed in {ann_path.name}"})
     mismatched = 0
-    from leukoscope.images import image_size
-    from leukoscope.scale import LMU_FIELD_UM
+    from leukoscope.imaging.images import image_size
+    from leukoscope.imaging.scale import LMU_FIELD_UM
 
     for rec in present.itertuples(index=False):
         folder = rec.path.split("/")[0]

@@ -7,10 +7,10 @@ The question of issue 7: does a model trained on one lab's cells work on another
    per source and left out of the metrics (a PBC model cannot be right about a blast);
 2. **scale**: each image is brought to the model's µm/px — the user's ``um_per_px``,
    else the table's, else estimated per source from the red cells
-   (:func:`leukoscope.scale_estimate.resolve_um_per_px`); a model without a physical
+   (:func:`leukoscope.imaging.scale_estimate.resolve_um_per_px`); a model without a physical
    scale resizes, as at training;
 3. **colour** (optional): Reinhard stain normalisation onto the reference the bundle
-   stores (:func:`leukoscope.stain.normalize_stain`);
+   stores (:func:`leukoscope.imaging.colour.normalize_stain`);
 4. **metrics** per source with the report's own functions
    (:mod:`leukoscope.evaluate.metrics`: accuracy, balanced accuracy, macro-F1 with
    bootstrap intervals; per-class sensitivity, precision, F1);
@@ -166,8 +166,8 @@ def prepare_images(bundle, paths: Sequence[str], um_per_px: Sequence[float], *,
     :func:`colour_features` of each original image when ``colour=True`` (white-balanced first for
     a bundle that white-balances its inputs: a colour cast it removes is no shift for it).
     """
-    from leukoscope.images import ImageError, load_rgb
-    from leukoscope.stain import normalize_stain, white_balance
+    from leukoscope.imaging.images import ImageError, load_rgb
+    from leukoscope.imaging.colour import normalize_stain, white_balance
 
     s = bundle.input_size
     out = np.empty((len(paths), s, s, 3), dtype=np.uint8)
@@ -203,10 +203,10 @@ def fit_reference(bundle, table: pd.DataFrame, *, um_per_px=None, estimate_scale
     penultimate-feature mean, a PCA basis with its variances, class means in the
     whitened space, the 50/95/99th percentiles of the nearest-class-mean distance,
     the max-probability distribution, and the Reinhard stain statistics of the images
-    (:func:`leukoscope.stain.reference_stats`). Store it with :func:`store_reference`.
+    (:func:`leukoscope.imaging.colour.reference_stats`). Store it with :func:`store_reference`.
     """
-    from leukoscope.scale_estimate import resolve_um_per_px
-    from leukoscope.stain import reference_stats
+    from leukoscope.imaging.scale_estimate import resolve_um_per_px
+    from leukoscope.imaging.colour import reference_stats
 
     table = table[table["label"].isin(bundle.classes)].reset_index(drop=True)
     if len(table) < 10:
@@ -344,7 +344,7 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
     (the OOD check keeps the plain view's features and confidence, as its reference was fitted)."""
     from leukoscope.evaluate.metrics import overall_metrics, per_class_fold_metrics
     from leukoscope.predict import predictions_table
-    from leukoscope.scale_estimate import resolve_um_per_px
+    from leukoscope.imaging.scale_estimate import resolve_um_per_px
 
     if isinstance(tables, pd.DataFrame):
         tables = [tables]

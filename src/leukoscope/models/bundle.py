@@ -188,7 +188,7 @@ class ModelBundle:
     # preprocessing: the same two steps as the training cache
     def prepare(self, images, um_per_px=None) -> np.ndarray:
         """Images (arrays or paths) -> uint8 ``(N, S, S, 3)`` at the model's size and scale."""
-        from leukoscope.images import load_rgb
+        from leukoscope.imaging.images import load_rgb
 
         images = list(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else [images]
         ums = _per_image(um_per_px, len(images))

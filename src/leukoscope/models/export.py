@@ -3,7 +3,7 @@
 The ONNX graph takes the *normalised* float NCHW input (``bundle.preprocess``'s output)
 and returns logits; the bundle metadata (classes, mean/std, µm/px, temperature, and
 ``white_balance``: whether each image is first divided by its background colour,
-:func:`leukoscope.stain.white_balance`) is stored as ONNX metadata properties so that the
+:func:`leukoscope.imaging.colour.white_balance`) is stored as ONNX metadata properties so that the
 file stands on its own.
 
 >>> export_onnx(load_bundle("run/model.safetensors"), "model.onnx")   # doctest: +SKIP

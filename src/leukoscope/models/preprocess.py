@@ -4,8 +4,8 @@ Two steps, kept apart so that training can cache the first:
 
 1. :func:`prepare_image` — ``(H, W, 3)`` uint8 -> ``(S, S, 3)`` uint8 at the model's
    scale (first white-balanced on its own background when the model was trained so,
-   :func:`leukoscope.stain.white_balance`): when both the image's and the model's µm/px are known, resample with
-   :func:`leukoscope.scale.to_scale` and centre-crop / reflect-pad to ``S``; otherwise
+   :func:`leukoscope.imaging.colour.white_balance`): when both the image's and the model's µm/px are known, resample with
+   :func:`leukoscope.imaging.scale.to_scale` and centre-crop / reflect-pad to ``S``; otherwise
    resize the whole image to ``S x S``.
 2. :func:`normalize` — uint8 NHWC/NCHW (or float in [0, 1]) -> float NCHW, ``(x - mean) / std``.
 
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from leukoscope.scale import center_crop_or_pad, to_scale
+from leukoscope.imaging.scale import center_crop_or_pad, to_scale
 
 
 def _known(x) -> bool:
@@ -32,12 +32,12 @@ def _known(x) -> bool:
 def prepare_image(img: np.ndarray, input_size: int, model_um_per_px: float | None = None,
                   image_um_per_px: float | None = None, *, white_balance: bool = False) -> np.ndarray:
     """Bring one RGB uint8 image to the model's input size (and physical scale when known);
-    ``white_balance``: first :func:`leukoscope.stain.white_balance` on the whole image."""
+    ``white_balance``: first :func:`leukoscope.imaging.colour.white_balance` on the whole image."""
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {img.shape} dtype {img.dtype}")
     if white_balance:
-        from leukoscope.stain import white_balance as _wb
+        from leukoscope.imaging.colour import white_balance as _wb
 
         img = _wb(img)
     s = int(input_size)

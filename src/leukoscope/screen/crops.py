@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from leukoscope.scale import LMU_UM_PER_PX
+from leukoscope.imaging.scale import LMU_UM_PER_PX
 
 #: Field of view when a bundle does not record its scale: an LMU crop (400 px x 29/400 µm/px).
 DEFAULT_FOV_UM = 400 * LMU_UM_PER_PX

@@ -38,12 +38,12 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import INTENDED_USE, taxonomy
-from leukoscope.images import ImageError
+from leukoscope.imaging.images import ImageError
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DetectParams, StainCalibration, box_iou, calibrate, check_um_per_px,
                                       detect_leukocytes, work_factor)
-from leukoscope.scale_estimate import estimate_field_scale
+from leukoscope.imaging.scale_estimate import estimate_field_scale
 from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, tile_grid
 
 #: Default referral threshold on the calibrated top-class probability. With a

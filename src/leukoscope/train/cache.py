@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from leukoscope.images import ImageError, load_rgb
+from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.models.preprocess import prepare_image
 
 

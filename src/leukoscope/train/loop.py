@@ -245,7 +245,7 @@ def resolve_training_scale(table: pd.DataFrame, scale: str = "stated", *,
     ``scale="stated"``: the table's ``um_per_px`` where the reader gave one; other images
     are resized to the model input as they are (no physical scale).
     ``scale="estimate"``: where the table gives no µm/px, it is estimated from the red
-    cells (:func:`leukoscope.scale_estimate.resolve_um_per_px`), pooled over up to 40
+    cells (:func:`leukoscope.imaging.scale_estimate.resolve_um_per_px`), pooled over up to 40
     images per ``source`` (one pool when the table has no ``source`` column). An
     implausible estimate (too few red cells, outside 0.03-0.5 µm/px) is not used: those
     images are resized as with ``"stated"``, and a warning says so.
@@ -262,7 +262,7 @@ def resolve_training_scale(table: pd.DataFrame, scale: str = "stated", *,
         um = pd.to_numeric(table["um_per_px"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
     origin = np.where(np.isfinite(um) & (um > 0), "table", "unknown")
     if scale == "estimate":
-        from leukoscope.scale_estimate import resolve_um_per_px
+        from leukoscope.imaging.scale_estimate import resolve_um_per_px
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
