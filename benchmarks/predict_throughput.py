@@ -63,7 +63,7 @@ DEFAULT_WAYS = WAYS[:4]
 
 def prepare_images(paths, size: int) -> np.ndarray:
     from leukoscope.imaging.images import load_rgb
-    from leukoscope.models.preprocess import prepare_image
+    from leukoscope.models.pipeline import prepare_image
 
     return np.stack([prepare_image(load_rgb(p), size) for p in paths])
 
@@ -76,7 +76,7 @@ def make_bundle(model_name: str, size: int, calib: np.ndarray, path: Path, bf16:
 
     from leukoscope import taxonomy
     from leukoscope.models.bundle import make_meta, save_bundle
-    from leukoscope.models.preprocess import normalize
+    from leukoscope.models.pipeline import normalize
     from leukoscope.models.registry import create_model, get_config
 
     cfg = get_config(model_name, input_size=size)
@@ -109,7 +109,9 @@ def write_bundles(model, meta: dict, calib, path: Path, bf16: bool, path_fp32: P
     and the fp32 bundle; returns the check."""
     import torch
 
-    from leukoscope.models.bundle import bf16_check, forward_logits, save_bundle
+    from leukoscope.models.bundle import save_bundle
+    from leukoscope.models.inference import forward_logits
+    from leukoscope.models.precision import bf16_check
 
     check = {}
     if bf16 and "bf16_guard" not in meta:

@@ -57,8 +57,10 @@ def main(argv=None) -> int:
     import torch
 
     from leukoscope.data import read_dataset, read_split
-    from leukoscope.models.bundle import bf16_check, forward_logits, load_bundle, save_bundle
-    from leukoscope.models.preprocess import normalize
+    from leukoscope.models.bundle import load_bundle, save_bundle
+    from leukoscope.models.inference import forward_logits
+    from leukoscope.models.precision import bf16_check
+    from leukoscope.models.pipeline import normalize
     from leukoscope.train.augment import AugmentConfig, augment_batch
 
     src = load_bundle(a.src)

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from leukoscope.evaluate.external import (evaluate_sets, fit_reference, group_labels, store_reference,
-                                          validation_table, write_outputs)
+from leukoscope.evaluate.external import evaluate_sets, group_labels, validation_table, write_outputs
+from leukoscope.models.ood import fit_reference, store_reference
 from leukoscope.models.bundle import load_bundle, make_meta, save_bundle
 from leukoscope.models.registry import create_model
 

@@ -143,7 +143,7 @@ def test_bf16_bundle_reruns_near_ties_in_fp32(tmp_path):
 
 
 def test_bf16_check_decides_from_validation_logits():
-    from leukoscope.models.bundle import bf16_check
+    from leukoscope.models.precision import bf16_check
 
     g = torch.Generator().manual_seed(0)
     z32 = torch.randn(200, 5, generator=g) * 4

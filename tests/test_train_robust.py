@@ -267,7 +267,7 @@ def test_reference_can_be_skipped(cells, tmp_path):
 
 
 def test_reference_sample_is_stratified_bounded_and_seeded():
-    from leukoscope.train.loop import reference_sample
+    from leukoscope.models.ood import reference_sample
 
     t = pd.DataFrame({"path": [f"p{i}" for i in range(1005)], "label": ["NGS"] * 700 + ["LYT"] * 300 + ["EOS"] * 5})
     assert reference_sample(t, 2000) is t

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from leukoscope.models.preprocess import dihedral_views, prepare_image
+from leukoscope.models.pipeline import dihedral_views, prepare_image
 from leukoscope.imaging.colour import background_colour, white_balance
 from leukoscope.train import TrainConfig, train
 
@@ -171,7 +171,7 @@ def test_ood_colour_features_of_a_white_balancing_bundle_ignore_a_cast(cells, tm
     it is far away."""
     from PIL import Image
 
-    from leukoscope.evaluate.external import prepare_images
+    from leukoscope.models.ood import prepare_images
     from leukoscope.imaging.images import load_rgb
     from leukoscope.models import load_bundle
 

@@ -19,8 +19,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from leukoscope import taxonomy
-from leukoscope.imaging.images import ImageError, load_rgb
+from leukoscope.data.readers import iter_image_paths
+from leukoscope.evaluate.predictions import predictions_table
+from leukoscope.models.inference import prepare_many
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
 
@@ -57,22 +58,8 @@ def estimate_input_scale(inputs: Iterable[str | os.PathLike], paths: Sequence[Pa
                  "warnings": list(res.warnings)}
 
 
-def predictions_table(paths: Sequence, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    """``path,pred,p_blast,p_atypical,prob_<CLASS>...`` (classes of the model, taxonomy order)."""
-    probs = np.asarray(probs, dtype=np.float64).reshape(len(paths), len(classes))
-    df = pd.DataFrame({"path": [str(p) for p in paths]})
-    df["pred"] = np.array(classes, dtype=object)[probs.argmax(1)] if len(df) else pd.Series(dtype=object)
-    df["p_blast"] = taxonomy.binary_scores(probs, classes, "blast")
-    df["p_atypical"] = taxonomy.binary_scores(probs, classes, "atypical")
-    for j, c in enumerate(classes):
-        df[f"prob_{c}"] = probs[:, j]
-    return df
-
-
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; folders expanded recursively to their image files (sorted)."""
-    from leukoscope.data.readers import iter_image_paths
-
     return iter_image_paths(inputs)
 
 
@@ -103,28 +90,19 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
     parts: list[np.ndarray] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: progress bars only
 
         bar = tqdm(total=len(paths), desc="predicting", unit="img")
     for start in range(0, len(paths), chunk):
-        block, names = [], []
-        for p in paths[start:start + chunk]:
-            try:
-                if not Path(p).exists():
-                    raise ImageError(p, "file not found")
-                block.append(bundle.prepare([load_rgb(p)], per_path.get(str(p), um_per_px))[0])
-                names.append(str(p))
-            except (ImageError, ValueError, OSError) as exc:
-                errors.append({"path": str(p), "reason": getattr(exc, "reason", str(exc))})
-        if block:
-            import torch
-
-            probs = bundle.predict_proba(torch.from_numpy(np.stack(block)), batch_size=batch_size,
-                                         calibrated=calibrated, tta=tta)
-            parts.append(probs)
-            good.extend(names)
+        names = [str(p) for p in paths[start:start + chunk]]
+        batch = prepare_many(bundle, names, [per_path.get(n, um_per_px) for n in names])
+        errors.extend(batch.errors)
+        if batch.ok:
+            parts.append(bundle.predict_proba_prepared(batch.x, batch_size=batch_size, calibrated=calibrated,
+                                                       tta=tta))
+            good.extend(names[i] for i in batch.ok)
         if bar is not None:
-            bar.update(len(paths[start:start + chunk]))
+            bar.update(len(names))
     if bar is not None:
         bar.close()
     probs = np.concatenate(parts) if parts else np.zeros((0, len(bundle.classes)))

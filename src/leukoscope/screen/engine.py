@@ -118,7 +118,8 @@ class ScreenEngine:
     """Screen smears with a model bundle.
 
     ``bundle``: a :class:`leukoscope.models.bundle.ModelBundle` (anything with ``meta``,
-    ``classes`` and ``predict_proba(images, um_per_px=..., batch_size=..., calibrated=True)``).
+    ``classes`` and ``predict_proba_prepared(x, batch_size=..., calibrated=True)`` for model inputs
+    already through its pipeline, :func:`leukoscope.screen.crops.model_crops`).
     ``um_per_px``: the smears' scale, overriding the files' metadata (None: from the file,
     else estimated from red cells with a warning). ``refer_below``: cells whose calibrated
     top probability is below it are ``unidentified``.
@@ -269,9 +270,8 @@ class ScreenEngine:
         return det, model_crops(region, list(zip(det.cx - rx0, det.cy - ry0)), um, self.meta)
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
-        """Temperature-calibrated class probabilities of model inputs."""
-        probs = self.bundle.predict_proba(crops, um_per_px=self.meta.get("um_per_px"), batch_size=self.batch_size,
-                                          calibrated=True)
+        """Temperature-calibrated class probabilities of model inputs (crops through the bundle's pipeline)."""
+        probs = self.bundle.predict_proba_prepared(crops, batch_size=self.batch_size, calibrated=True)
         return np.asarray(probs, dtype=np.float64)
 
     def _finish_image(self, st: "_ImageState") -> ImageResult:

@@ -25,8 +25,10 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from leukoscope import taxonomy
+from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.train.loop import TrainConfig, resolve_training_scale, table_fingerprint, train
 
@@ -41,20 +43,6 @@ class CVResult:
     predictions: pd.DataFrame
     split: pd.DataFrame
     summary: dict
-
-
-def prediction_frame(paths, probs: np.ndarray, classes, labels=None, folds=None) -> pd.DataFrame:
-    """``path[,label][,fold],pred,prob_<CLASS>...`` with classes in taxonomy order."""
-    probs = np.asarray(probs, dtype=np.float64)
-    df = pd.DataFrame({"path": [str(p) for p in paths]})
-    if labels is not None:
-        df["label"] = list(labels)
-    if folds is not None:
-        df["fold"] = np.asarray(folds, dtype=int)
-    df["pred"] = np.array(classes, dtype=object)[probs.argmax(1)] if len(df) else []
-    for j, c in enumerate(classes):
-        df[f"prob_{c}"] = probs[:, j] if len(df) else []
-    return df
 
 
 def _align_split(split: pd.DataFrame, table: pd.DataFrame, split_path: str | None) -> pd.DataFrame:
@@ -175,11 +163,11 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
                     training_scale=training_scale)
         test = table[(table["fold"] == k) & table["path"].isin(set(cache.paths))]
         bundle = load_bundle(res.bundle_path)
-        import torch
-
-        probs = bundle.predict_proba(cache.images[torch.as_tensor(cache.rows(test["path"]))],
-                                     batch_size=max(64, cfg.batch_size))
-        df = prediction_frame(test["path"], probs, bundle.classes, labels=test["label"], folds=test["fold"])
+        # the cache holds the images through the bundle's pipeline (training's own preparation)
+        probs = bundle.predict_proba_prepared(cache.images[torch.as_tensor(cache.rows(test["path"]))],
+                                              batch_size=max(64, cfg.batch_size))
+        df = predictions_table(test["path"].tolist(), probs, bundle.classes, label=test["label"].to_numpy(),
+                               fold=test["fold"].to_numpy(dtype=int))
         atomic_write_csv(df, pred_file)
         acc = (df["pred"] == df["label"]).mean() if len(df) else float("nan")
         log(f"fold {k}: {len(df)} test images, accuracy {acc:.4f} ({time.time() - t0:.0f}s)")

@@ -16,7 +16,7 @@ Besides the weights, the bundle records the physical scale of the training image
 (``meta["training_scale"]``: the table's µm/px, or with ``scale="estimate"`` the
 red-cell estimate per source, :func:`resolve_training_scale`) and, unless
 ``ood_reference=False``, the out-of-distribution reference fitted on the run's own
-validation images (``meta["reference"]``, :func:`leukoscope.evaluate.external.fit_reference`),
+validation images (``meta["reference"]``, :func:`leukoscope.models.ood.fit_reference`),
 so that ``leukoscope evaluate`` warns about shifted sources without an extra step.
 """
 
@@ -36,6 +36,7 @@ import pandas as pd
 
 from leukoscope import taxonomy
 from leukoscope.io import atomic_path, atomic_write_csv, atomic_write_json
+from leukoscope.models.ood import REFERENCE_KEY, fit_training_reference
 from leukoscope.models.registry import get_config
 
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_acc", "lr", "images_per_s", "seconds"]
@@ -43,9 +44,6 @@ LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_acc", "lr", "ima
 _RUNTIME_FIELDS = {"workers", "progress", "device", "threads", "ood_reference"}
 #: Values of ``TrainConfig.scale``: where the training images' µm/px comes from.
 SCALE_MODES = ("stated", "estimate")
-#: The OOD reference is fitted on at most this many validation images (stratified sample): it
-#: wants ~10 per feature dimension (32) and costs ~20-45 ms an image on a CPU (decode, colour, forward).
-OOD_REFERENCE_MAX_IMAGES = 500
 
 
 @dataclass
@@ -348,42 +346,6 @@ class ThreadTuner:
         self.k += 1
 
 
-def reference_sample(table: pd.DataFrame, max_images: int, seed: int = 0) -> pd.DataFrame:
-    """``table`` itself, or a class-stratified random sample of about ``max_images`` of its rows (in table order)."""
-    if len(table) <= max_images:
-        return table
-    return table.groupby("label", group_keys=False).sample(frac=max_images / len(table), random_state=seed).sort_index()
-
-
-def _fit_ood_reference(model, meta: dict, bundle_path: Path, val_table: pd.DataFrame, device,
-                       log: Callable[[str], None], seed: int = 0) -> dict | None:
-    """The OOD reference of the trained model on its validation images, or ``None`` with a warning.
-
-    At most :data:`OOD_REFERENCE_MAX_IMAGES` images (a stratified sample), brought to the
-    model as in training (the table's µm/px, nothing re-estimated). Any failure (e.g.
-    fewer than 10 validation images) is reported and the run goes on: the bundle is
-    already written.
-    """
-    from leukoscope.evaluate.external import fit_reference
-    from leukoscope.models.bundle import ModelBundle
-
-    t0 = time.time()
-    val_table = reference_sample(val_table, OOD_REFERENCE_MAX_IMAGES, seed)
-    try:
-        bundle = ModelBundle(model, meta, path=str(bundle_path), device=str(device))
-        ref = fit_reference(bundle, val_table, estimate_scale="off")
-    except Exception as exc:  # noqa: BLE001  (the reference is optional; the model is saved)
-        msg = (f"no out-of-distribution reference stored in {bundle_path}: fitting it on the {len(val_table)} "
-               f"validation images failed ({type(exc).__name__}: {exc}); 'leukoscope evaluate --fit-reference "
-               "DATA' can add one later")
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        log(f"warning: {msg}")
-        return None
-    log(f"out-of-distribution reference: {ref['n']} validation images, {ref['dims']} feature dimensions "
-        f"({time.time() - t0:.1f}s)")
-    return ref
-
-
 # --------------------------------------------------------------------------- train
 
 
@@ -403,7 +365,9 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
     """
     import torch
 
-    from leukoscope.models.bundle import forward_logits, make_meta, read_meta, save_bundle, autocast_context
+    from leukoscope.models.bundle import make_meta, read_meta, save_bundle
+    from leukoscope.models.inference import forward_logits
+    from leukoscope.models.precision import autocast_context
     from leukoscope.models.registry import create_model
     from leukoscope.train.augment import AugmentConfig, augment_batch
     from leukoscope.train.balance import balanced_epoch, shard
@@ -545,7 +509,7 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
             xb = x_tr[torch.as_tensor(bi)].to(device, non_blocking=True)
             yb = torch.as_tensor(y_tr[bi], device=device)
             xb = augment_batch(xb, gen, aug)
-            from leukoscope.models.preprocess import normalize
+            from leukoscope.models.pipeline import normalize
 
             xb = normalize(xb, mcfg.mean, mcfg.std)
             if use_cl:
@@ -614,7 +578,7 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
         if on_cpu and use_bf16:
             # bf16 inference for models where bf16 pays on this CPU (as in training: the registry's
             # cpu_bf16, or --bf16 on), and only where, with near-ties re-run in fp32, it gives fp32's calls
-            from leukoscope.models.bundle import bf16_check
+            from leukoscope.models.precision import bf16_check
 
             check = bf16_check(evaluate_val(bf16=False), evaluate_val(bf16=True))
             infer_bf16 = check["inference_bf16"] and check["max_abs_prob_diff"] < 0.02
@@ -633,10 +597,8 @@ def train(table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | Non
     if main:
         save_bundle(model, meta, bundle_path)  # on disk first: a failing reference never costs the model
         if cfg.ood_reference:
-            ref = _fit_ood_reference(model, meta, bundle_path, table.iloc[va_idx], device, log, cfg.seed)
+            ref = fit_training_reference(model, meta, bundle_path, table.iloc[va_idx], device, log, cfg.seed)
             if ref is not None:
-                from leukoscope.evaluate.external import REFERENCE_KEY
-
                 meta[REFERENCE_KEY] = ref
                 save_bundle(model, meta, bundle_path)
         atomic_write_json(meta, out / "metadata.json")
