@@ -415,13 +415,15 @@ def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
     return ds
 
 
-def iter_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of image paths."""
+def iter_image_paths(inputs: Iterable[str | os.PathLike], *, keep_empty_dirs: bool = False) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image paths; ``keep_empty_dirs``:
+    a folder without images stays in the list (so that the caller reports it as a bad input)."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            out.extend(found if (found or not keep_empty_dirs) else [p])
         else:
             out.append(p)
     return out
