@@ -7,7 +7,7 @@ The question of issue 7: does a model trained on one lab's cells work on another
    per source and left out of the metrics (a PBC model cannot be right about a blast);
 2. **scale**: each image is brought to the model's µm/px — the user's ``um_per_px``,
    else the table's, else estimated per source from the red cells
-   (:func:`leukoscope.imaging.scale_estimate.resolve_um_per_px`); a model without a physical
+   (the scale policy, :class:`leukoscope.imaging.scale_policy.ScalePolicy`); a model without a physical
    scale resizes, as at training;
 3. **colour** (optional): Reinhard stain normalisation onto the reference the bundle
    stores (:func:`leukoscope.imaging.colour.normalize_stain`);
@@ -33,7 +33,6 @@ The question of issue 7: does a model trained on one lab's cells work on another
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -43,7 +42,7 @@ import pandas as pd
 
 from leukoscope.evaluate.metrics import overall_metrics, per_class_fold_metrics
 from leukoscope.evaluate.predictions import predictions_table
-from leukoscope.imaging.scale_estimate import resolve_um_per_px
+from leukoscope.imaging.scale_policy import ScalePolicy
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.models.inference import forward
 from leukoscope.models.ood import REFERENCE_KEY, feature_distances, ood_check, prepare_images
@@ -116,14 +115,11 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
     # scale
     scale_info: dict = {}
     if bundle.um_per_px:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rs = resolve_um_per_px(df, user_um_per_px=um_per_px, estimate=estimate_scale, group_col="group")
-        res_warn += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-        df["um_per_px"], df["scale_origin"] = rs.um_per_px, rs.origin
-        for g, sub in df.groupby("group", sort=True):
-            scale_info[str(g)] = {"um_per_px_median": float(np.nanmedian(sub["um_per_px"])) if sub["um_per_px"].notna().any() else None,
-                                  "origin": sorted(set(sub["scale_origin"])), "estimate": rs.estimates.get(str(g))}
+        um, origin, rec = ScalePolicy(given=um_per_px, estimate=estimate_scale, group_col="group").resolve(df)
+        res_warn += rec.warnings
+        df["um_per_px"], df["scale_origin"] = um, origin
+        scale_info = {g: {"um_per_px_median": s["um_per_px"], "origin": s["origin"], "estimate": rec.estimates.get(g)}
+                      for g, s in sorted(rec.sources.items())}
     else:
         df["um_per_px"], df["scale_origin"] = np.nan, "model has no physical scale: resized"
         scale_info = {"note": "the model records no µm/px; every image is resized to the input, as in training"}

@@ -22,7 +22,7 @@ from scipy.stats import chi2
 from skimage.color import rgb2lab
 
 from leukoscope.imaging.colour import normalize_stain, reference_stats, white_balance
-from leukoscope.imaging.scale_estimate import resolve_um_per_px
+from leukoscope.imaging.scale_policy import ScalePolicy
 from leukoscope.models.bundle import ModelBundle, load_bundle, save_bundle
 from leukoscope.models.inference import forward, prepare_many
 
@@ -84,7 +84,7 @@ def fit_reference(bundle, table: pd.DataFrame, *, um_per_px=None, estimate_scale
     if len(table) < 10:
         raise ValueError(f"a reference needs at least 10 labelled cells of the model's classes, got {len(table)}")
     if bundle.um_per_px:
-        ums = resolve_um_per_px(table, user_um_per_px=um_per_px, estimate=estimate_scale).um_per_px
+        ums = ScalePolicy(given=um_per_px, estimate=estimate_scale).resolve(table, reemit=True)[0]
     else:
         ums = np.full(len(table), np.nan)
     x, ok, _, col = prepare_images(bundle, list(table["path"].astype(str)), ums, colour=True)

@@ -37,10 +37,7 @@ import numpy as np
 import pandas as pd
 
 from leukoscope.imaging.morphology import downsample, remove_small, to_lab
-
-#: The scales the screener accepts, µm/px: finer than this is a sub-cellular zoom,
-#: coarser makes a leukocyte a few pixels across.
-UM_PER_PX_RANGE = (0.02, 1.0)
+from leukoscope.imaging.scale_policy import check_um_per_px
 
 #: Columns of a detection table.
 DETECTION_COLUMNS = ["x0", "y0", "x1", "y1", "cx", "cy", "nucleus_um2", "cell_um2", "blue"]
@@ -80,24 +77,6 @@ class StainCalibration:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_um_per_px(um_per_px, what: str = "um_per_px") -> float:
-    """Return ``um_per_px`` as a float if it is a plausible smear scale, else raise ``ValueError``."""
-    try:
-        v = float(um_per_px)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number (micrometres per pixel), got {um_per_px!r}") from None
-    lo, hi = UM_PER_PX_RANGE
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{what} must be a positive number of micrometres per pixel, got {um_per_px!r}")
-    if not lo <= v <= hi:
-        cell = 12.0 / v
-        raise ValueError(
-            f"{what} = {v:g} µm/px is outside the plausible range {lo:g}-{hi:g} µm/px for a blood smear "
-            f"(a 12 µm leukocyte would be {cell:.3g} px across); check the value or the file's resolution tags "
-            "(100x oil objectives give about 0.05-0.1 µm/px, 40x scanners about 0.25 µm/px)")
-    return v
 
 
 def work_factor(um_per_px: float, params: DetectParams = DetectParams()) -> int:

@@ -39,11 +39,11 @@ import pandas as pd
 
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
+from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
-from leukoscope.screen.detect import (DetectParams, StainCalibration, box_iou, calibrate, check_um_per_px,
-                                      detect_leukocytes, work_factor)
-from leukoscope.imaging.scale_estimate import estimate_field_scale
+from leukoscope.screen.detect import (DetectParams, StainCalibration, box_iou, calibrate, detect_leukocytes,
+                                      work_factor)
 from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, tile_grid
 
 #: Default referral threshold on the calibrated top-class probability. With a
@@ -161,25 +161,13 @@ class ScreenEngine:
     # ------------------------------------------------------------------ scale
 
     def resolve_scale(self, smear: Smear) -> tuple[float, str, list[str]]:
-        """µm/px for a smear: the engine's override, the file's metadata, or an estimate from red cells."""
-        notes: list[str] = []
-        if self.um_per_px is not None:
-            if smear.um_per_px and abs(smear.um_per_px - self.um_per_px) / self.um_per_px > 0.05:
-                notes.append(f"--um-per-px {self.um_per_px:g} overrides the file's {smear.um_per_px:g} µm/px")
-            return self.um_per_px, "command line (--um-per-px)", notes
-        if smear.um_per_px is not None:
-            return check_um_per_px(smear.um_per_px, f"the file's resolution metadata ({smear.um_source})"), \
-                smear.um_source, notes
-        est = estimate_field_scale(smear.sample())
-        if not est.plausible:
-            raise ValueError(f"the file gives no µm/px and it could not be estimated from red cells ({est.reason}); "
-                             "give the scale with --um-per-px")
-        um = check_um_per_px(est.um_per_px, "the µm/px estimated from red cells")
-        msg = (f"no µm/px in the file: {um:.4f} µm/px estimated from {est.n_rbc} red cells (median diameter "
-               f"{est.diameter_px:.0f} px = 7.5 µm); give --um-per-px for a measured scale")
-        notes.append(msg)
-        warnings.warn(f"{smear.path}: {msg}", ScreenWarning, stacklevel=3)
-        return um, "estimated from red cells (7.5 µm)", notes
+        """µm/px for a smear by the scale policy: the engine's override, the file's metadata, or an estimate
+        from red cells with a warning (:meth:`leukoscope.imaging.scale_policy.ScalePolicy.resolve_field`)."""
+        um, src, notes, estimated = ScalePolicy(given=self.um_per_px, estimate="group").resolve_field(
+            smear.um_per_px, smear.um_source, smear.sample)
+        if estimated:
+            warnings.warn(f"{smear.path}: {notes[-1]}", ScreenWarning, stacklevel=3)
+        return um, src, notes
 
     # ------------------------------------------------------------------ one image
 

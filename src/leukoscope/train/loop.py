@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import taxonomy
+from leukoscope.imaging.scale_policy import ScalePolicy
 from leukoscope.io import atomic_path, atomic_write_csv, atomic_write_json
 from leukoscope.models.ood import REFERENCE_KEY, fit_training_reference
 from leukoscope.models.registry import get_config
@@ -232,10 +233,6 @@ def _config_diff(a: dict, b: dict) -> list[str]:
             if k not in _RUNTIME_FIELDS and a.get(k) != b.get(k)]
 
 
-def _finite_or_none(v):
-    return float(v) if v is not None and np.isfinite(v) else None
-
-
 def resolve_training_scale(table: pd.DataFrame, scale: str = "stated", *,
                            log: Callable[[str], None] = print) -> tuple[pd.DataFrame, dict]:
     """``(table, record)``: the training table with the µm/px of its images, and what the bundle records.
@@ -243,7 +240,7 @@ def resolve_training_scale(table: pd.DataFrame, scale: str = "stated", *,
     ``scale="stated"``: the table's ``um_per_px`` where the reader gave one; other images
     are resized to the model input as they are (no physical scale).
     ``scale="estimate"``: where the table gives no µm/px, it is estimated from the red
-    cells (:func:`leukoscope.imaging.scale_estimate.resolve_um_per_px`), pooled over up to 40
+    cells (the scale policy, :class:`leukoscope.imaging.scale_policy.ScalePolicy`), pooled over up to 40
     images per ``source`` (one pool when the table has no ``source`` column). An
     implausible estimate (too few red cells, outside 0.03-0.5 µm/px) is not used: those
     images are resized as with ``"stated"``, and a warning says so.
@@ -254,36 +251,11 @@ def resolve_training_scale(table: pd.DataFrame, scale: str = "stated", *,
     if scale not in SCALE_MODES:
         raise ValueError(f"scale must be one of {', '.join(SCALE_MODES)}, got {scale!r}")
     table = table.reset_index(drop=True)
-    record: dict = {"scale": scale, "sources": {}, "estimates": {}, "warnings": []}
-    um = np.full(len(table), np.nan)
-    if "um_per_px" in table:
-        um = pd.to_numeric(table["um_per_px"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    origin = np.where(np.isfinite(um) & (um > 0), "table", "unknown")
+    um, _, rec = ScalePolicy(estimate="group" if scale == "estimate" else "off").resolve(table, reemit=True, log=log)
     if scale == "estimate":
-        from leukoscope.imaging.scale_estimate import resolve_um_per_px
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rs = resolve_um_per_px(table, estimate="group", group_col="source")
-        record["warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
         table = table.copy()
-        table["um_per_px"] = um = rs.um_per_px
-        origin = rs.origin
-        for g, e in rs.estimates.items():
-            record["estimates"][g] = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in e.items()}
-            if e["plausible"]:
-                log(f"scale of source {g!r}: estimated {e['um_per_px']:.4f} µm/px from {e['n_rbc']} red cells "
-                    f"in {e['n_images']} images")
-        for w in record["warnings"]:
-            warnings.warn(w, RuntimeWarning, stacklevel=3)
-            log(f"warning: {w}")
-    groups = table["source"].astype(str).to_numpy() if "source" in table else np.array(["all"] * len(table))
-    for g in pd.unique(groups):
-        sel = groups == g
-        known = um[sel][np.isfinite(um[sel])]
-        record["sources"][str(g)] = {"um_per_px": float(np.median(known)) if len(known) else None,
-                                     "origin": sorted(set(origin[sel].tolist())), "n_images": int(sel.sum())}
-    return table, record
+        table["um_per_px"] = um
+    return table, {"scale": scale, "sources": rec.sources, "estimates": rec.estimates, "warnings": rec.warnings}
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
