@@ -48,7 +48,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--val-fraction", type=float)
     o.add_argument("--workers", type=int, help="threads decoding images")
     o.add_argument("--stain-jitter", type=float, nargs="?", const=0.05, metavar="SIGMA",
-                   help="HED stain jitter (leukoscope.stain): sigma of each stain's scale and shift; off in the "
+                   help="HED stain jitter (leukoscope.train.augment): sigma of each stain's scale and shift; off in the "
                         "paper and fast presets, 0.1 in robust; the option without a value: 0.05")
     o.add_argument("--brightness", type=float, metavar="B", help="brightness jitter, factor in [1-B, 1+B]")
     o.add_argument("--contrast", type=float, metavar="C", help="contrast jitter, factor in [1-C, 1+C]")

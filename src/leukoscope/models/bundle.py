@@ -58,6 +58,7 @@ class ModelBundle:
         self.device = device
         self.pipeline = Pipeline.from_meta(meta)  # white balance -> physical scale -> crop/pad -> normalise
         self.last_fp32_rechecked = 0  # images of the last logits() call re-run in fp32 (bf16 bundles)
+        self.backend = "auto"  # leukoscope.models.inference.BACKENDS: fp32 on CPU through onnxruntime
 
     # metadata shortcuts
     @property
@@ -112,7 +113,7 @@ class ModelBundle:
 
     def logits_prepared(self, x, batch_size: int = 64, progress: bool = False):
         """:meth:`logits` of images already through :meth:`prepare` (uint8 NHWC)."""
-        out = forward(self, x, batch_size=batch_size, progress=progress)
+        out = forward(self, x, batch_size=batch_size, progress=progress, backend=self.backend)
         self.last_fp32_rechecked = out.fp32_rechecked
         return out.logits
 
@@ -129,7 +130,7 @@ class ModelBundle:
     def predict_proba_prepared(self, x, batch_size: int = 64, calibrated: bool = True, progress: bool = False,
                                tta: bool = False) -> np.ndarray:
         """:meth:`predict_proba` of images already through :meth:`prepare` (uint8 NHWC)."""
-        out = forward(self, x, batch_size=batch_size, progress=progress, tta=tta)
+        out = forward(self, x, batch_size=batch_size, progress=progress, tta=tta, backend=self.backend)
         self.last_fp32_rechecked = out.fp32_rechecked
         return out.probabilities(self.temperature if calibrated else 1.0)
 

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
 from leukoscope.imaging.images import ImageError, load_rgb
+from leukoscope.models.export import onnx_bytes
 from leukoscope.models.pipeline import dihedral_views, normalize
 from leukoscope.models.precision import DEFAULT_BF16_GUARD, autocast_context, top2_margin
 
@@ -133,6 +136,49 @@ def _run(model, xb, *, device, bf16: bool, channels_last: bool, feats: list | No
             hook.remove()
 
 
+#: Backends of :func:`forward`: ``"auto"`` runs fp32 on CPU through onnxruntime (the bundle's own model
+#: exported in memory once per loaded model, with its penultimate features as a second output; measured
+#: faster than eager PyTorch on the default model, benchmarks/README.md), everything else (bf16, CUDA)
+#: through PyTorch; ``"torch"`` always PyTorch.
+BACKENDS = ("auto", "torch")
+#: model -> (onnxruntime session, its outputs, the weights' versions it was built from)
+_SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weights_version(model) -> tuple:
+    """Changes whenever a weight or buffer of ``model`` is replaced or changed in place."""
+    return tuple((t.data_ptr(), t._version) for t in [*model.parameters(), *model.buffers()])
+
+
+def _session(model, example: torch.Tensor):
+    """The onnxruntime session of ``model`` (built on first use and again after its weights change;
+    dropped with the model)."""
+    version = _weights_version(model)
+    if model not in _SESSIONS or _SESSIONS[model][2] != version:
+        try:
+            head = _last_linear(model)
+        except ValueError:
+            head = None
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = torch.get_num_threads()
+        with torch.inference_mode(False):  # tracing for the export records ordinary tensors
+            graph = onnx_bytes(model, example.clone(), head=head)
+        sess = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        _SESSIONS[model] = (sess, [o.name for o in sess.get_outputs()], version)
+    return _SESSIONS[model][:2]
+
+
+def _run_ort(model, xb, feats: list | None):
+    sess, outputs = _session(model, xb[:1].float())
+    if feats is not None and "features" not in outputs:
+        raise ValueError("the model has no Linear layer: cannot take penultimate features")
+    res = sess.run(outputs, {"input": np.ascontiguousarray(xb.numpy(), dtype=np.float32)})
+    if feats is not None:
+        feats.append(torch.from_numpy(res[1]))
+    return torch.from_numpy(res[0])
+
+
 def forward_logits(model, x_uint8, mean, std, *, batch_size: int = 64, device="cpu", bf16: bool = False,
                    channels_last: bool = True, progress: bool = False):
     """Logits (float32, on CPU) of ``model`` for a uint8 NHWC batch of prepared images (no bundle needed:
@@ -173,7 +219,8 @@ class ForwardOutput:
 
 
 def forward(bundle, x_uint8, *, batch_size: int = 64, features: bool = False, tta: bool = False,
-            inputs: bool = False, precision: str = "auto", progress: bool = False) -> ForwardOutput:
+            inputs: bool = False, precision: str = "auto", backend: str = "auto",
+            progress: bool = False) -> ForwardOutput:
     """One forward pass of ``bundle`` over prepared uint8 NHWC images (:func:`prepare_batch`).
 
     ``features``: also the penultimate features; ``tta``: also the logits of the 8 rotations by 90°
@@ -181,14 +228,24 @@ def forward(bundle, x_uint8, *, batch_size: int = 64, features: bool = False, tt
     also the normalised input tensor (for a saliency map of exactly what was classified).
     ``precision``: ``"auto"`` (the bundle's ``inference_bf16`` on CPU: bf16, images whose top-two
     probabilities lie within ``bf16_guard`` re-run in fp32), ``"fp32"`` or ``"bf16"`` (no re-run).
+    ``backend``: ``"auto"`` (fp32 on CPU through onnxruntime, :data:`BACKENDS`) or ``"torch"``.
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     model, device = bundle.model.eval(), bundle.device
     auto_bf16 = precision == "auto" and bool(bundle.meta.get("inference_bf16")) and str(device) == "cpu"
     bf16 = auto_bf16 or precision == "bf16"
     guard = float(bundle.meta.get("bf16_guard", DEFAULT_BF16_GUARD))
     cl = bool(bundle.meta.get("channels_last", True))
+    ort_fp32 = backend == "auto" and str(device) == "cpu"
+
+    def run(xn, fb, half: bool):
+        if ort_fp32 and not half:
+            return _run_ort(model, xn, fb)
+        return _run(model, xn, device=device, bf16=half, channels_last=cl, feats=fb)
+
     pipe = bundle.pipeline
     x = torch.as_tensor(x_uint8)
     n_views = 8 if tta else 1
@@ -207,12 +264,12 @@ def forward(bundle, x_uint8, *, batch_size: int = 64, features: bool = False, tt
             for v, view in enumerate(dihedral_views(xb) if tta else [xb]):
                 xn = pipe.normalize(view)
                 fb: list | None = [] if (features and v == 0) else None
-                z = _run(model, xn, device=device, bf16=bf16, channels_last=cl, feats=fb)
+                z = run(xn, fb, bf16)
                 if auto_bf16:
                     near = torch.nonzero(top2_margin(z) < guard)[:, 0]
                     if len(near):
                         fr: list | None = [] if fb is not None else None
-                        z[near] = _run(model, xn[near], device=device, bf16=False, channels_last=cl, feats=fr)
+                        z[near] = run(xn[near], fr, False)
                         if fb is not None:
                             fb[0][near] = fr[0]
                         rechecked += int(len(near))

@@ -70,8 +70,8 @@ class TrainConfig:
     flip: bool = True
     brightness: float = 0.0
     contrast: float = 0.0
-    stain_jitter: float = 0.0           # HED stain jitter sigma (= bias), leukoscope.stain.hed_jitter
-    saturation: float = 0.0             # colour jitter after the stain jitter (leukoscope.stain.colour_augment):
+    stain_jitter: float = 0.0           # HED stain jitter sigma (= bias), leukoscope.train.augment.hed_jitter
+    saturation: float = 0.0             # colour jitter after the stain jitter (leukoscope.train.augment.colour_augment):
     gamma: float = 0.0                  #   saturation factor in [1-s, 1+s], log gamma in [-g, g],
     blur: float = 0.0                   #   Gaussian blur sigma up to this many px; 0 = off
     white_balance: bool = False         # every input divided by its own background colour (train and inference)
