@@ -33,15 +33,38 @@ WHITE_BALANCE_PERCENTILE = 90.0
 WHITE_BALANCE_TARGET = 240.0
 
 
+def _order_statistic(counts: np.ndarray, k: int) -> int:
+    """The ``k``-th smallest value (0-based) of the values whose histogram is ``counts``."""
+    return int(np.searchsorted(np.cumsum(counts), k + 1))
+
+
 def background_colour(img_uint8: np.ndarray, percentile: float = WHITE_BALANCE_PERCENTILE) -> np.ndarray:
     """RGB colour of the background: per-channel median of the pixels at or above the luminance
-    ``percentile`` (in a cell crop or a smear field, the plasma between the cells)."""
+    ``percentile`` (in a cell crop or a smear field, the plasma between the cells).
+
+    Computed from integer histograms (luminance = the channel sum, an order-preserving stand-in for
+    the channel mean): the numbers of ``np.percentile`` (linear) and ``np.median``, ~10x faster."""
     x = np.asarray(img_uint8)
     if x.ndim != 3 or x.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {x.shape}")
-    lum = x.astype(np.float32).mean(axis=2)
-    sel = lum >= np.percentile(lum, percentile)
-    return np.median(x[sel], axis=0).astype(np.float64)
+    x = x.reshape(-1, 3)
+    if x.dtype != np.uint8:  # not a camera image: the plain definition
+        lum = x.astype(np.float32).mean(axis=1)
+        return np.median(x[lum >= np.percentile(lum, percentile)], axis=0).astype(np.float64)
+    s = x[:, 0].astype(np.uint16) + x[:, 1] + x[:, 2]  # (an axis sum is ~10x slower)
+    counts = np.bincount(s, minlength=766)
+    n = len(s)
+    pos = (n - 1) * float(percentile) / 100.0  # np.percentile's "linear" interpolation point
+    lo = _order_statistic(counts, int(np.floor(pos)))
+    hi = _order_statistic(counts, min(n - 1, int(np.floor(pos)) + 1))
+    thresh = lo if (pos == np.floor(pos) or hi == lo) else hi  # the smallest sum at or above the percentile
+    sel = x[s >= thresh]
+    m = len(sel)
+    out = np.empty(3)
+    for c in range(3):
+        h = np.bincount(sel[:, c], minlength=256)
+        out[c] = (_order_statistic(h, (m - 1) // 2) + _order_statistic(h, m // 2)) / 2.0
+    return out
 
 
 def white_balance(img_uint8: np.ndarray, target: float = WHITE_BALANCE_TARGET,
@@ -59,7 +82,9 @@ def white_balance(img_uint8: np.ndarray, target: float = WHITE_BALANCE_TARGET,
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {img.shape} dtype {img.dtype}")
     bg = background_colour(img, percentile).clip(1.0, 255.0)
     gain = (float(target) / bg).astype(np.float32)
-    return (img.astype(np.float32) * gain + 0.5).clip(0, 255).astype(np.uint8)
+    # one lookup table per channel: the same float32 arithmetic as on every pixel, once per value
+    lut = (np.arange(256, dtype=np.float32)[:, None] * gain + 0.5).clip(0, 255).astype(np.uint8)  # (256, 3)
+    return np.stack([lut[img[..., c], c] for c in range(3)], axis=-1)
 
 
 def _bright_mask(lab: np.ndarray) -> np.ndarray:

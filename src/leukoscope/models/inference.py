@@ -165,7 +165,8 @@ def _session(model, example: torch.Tensor):
         with torch.inference_mode(False):  # tracing for the export records ordinary tensors
             graph = onnx_bytes(model, example.clone(), head=head)
         sess = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
-        _SESSIONS[model] = (sess, [o.name for o in sess.get_outputs()], version)
+        # after the export: it converts the weights to NCHW and back, which gives them new storage
+        _SESSIONS[model] = (sess, [o.name for o in sess.get_outputs()], _weights_version(model))
     return _SESSIONS[model][:2]
 
 
