@@ -162,3 +162,29 @@ def test_bf16_check_decides_from_validation_logits():
     flat = bf16_check(z32 * 0.001, z32 * 0.001 + torch.randn(200, 5, generator=g) * 0.01)
     assert not flat["inference_bf16"] and flat["recheck_fraction"] > 0.25 and "would not pay" in flat["reason"]
     assert not bf16_check(torch.zeros(0, 5), torch.zeros(0, 5))["inference_bf16"]
+
+
+def test_forward_runs_a_depthwise_model_through_onnxruntime_with_torch_s_numbers(tmp_path):
+    """The one forward path: fp32 on CPU for a MobileNet goes through onnxruntime (the model exported in
+    memory once), with PyTorch's logits and penultimate features; a change of the weights rebuilds it."""
+    from leukoscope.models import inference
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v3_small", num_classes=4, input_size=32).eval()
+    meta = make_meta(classes=["LYT", "MOB", "MYO", "NGS"], model="mobilenet_v3_small", input_size=32,
+                     mean=(0.5,) * 3, std=(0.25,) * 3, um_per_px=None)
+    b = load_bundle(save_bundle(model, meta, tmp_path / "m.safetensors"))
+    x = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    assert inference.uses_onnxruntime(b) and not inference.uses_onnxruntime(b, "torch")
+    ort_out = inference.forward(b, x, features=True, batch_size=3)
+    session = inference._SESSIONS[b.model][0]
+    pt_out = inference.forward(b, x, features=True, batch_size=3, backend="torch")
+    assert torch.allclose(ort_out.logits, pt_out.logits, atol=1e-4)
+    assert np.allclose(ort_out.features, pt_out.features, atol=1e-4) and ort_out.features.shape[0] == 5
+    assert torch.equal(inference.forward(b, x).logits, ort_out.logits)  # the same session, the same numbers
+    assert inference._SESSIONS[b.model][0] is session
+    with torch.no_grad():
+        b.model.classifier[-1].bias += 1.0
+    shifted = inference.forward(b, x).logits
+    assert inference._SESSIONS[b.model][0] is not session
+    assert torch.allclose(shifted, ort_out.logits + 1.0, atol=1e-4)

@@ -36,6 +36,7 @@ from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.models.export import onnx_bytes
 from leukoscope.models.pipeline import dihedral_views, normalize
 from leukoscope.models.precision import DEFAULT_BF16_GUARD, autocast_context, top2_margin
+from leukoscope.models.registry import get_config
 
 # --------------------------------------------------------------------------- preparing images
 
@@ -136,11 +137,22 @@ def _run(model, xb, *, device, bf16: bool, channels_last: bool, feats: list | No
             hook.remove()
 
 
-#: Backends of :func:`forward`: ``"auto"`` runs fp32 on CPU through onnxruntime (the bundle's own model
-#: exported in memory once per loaded model, with its penultimate features as a second output; measured
-#: faster than eager PyTorch on the default model, benchmarks/README.md), everything else (bf16, CUDA)
-#: through PyTorch; ``"torch"`` always PyTorch.
+#: Backends of :func:`forward`: ``"auto"`` runs fp32 on CPU through onnxruntime for the models the registry
+#: does not mark as bf16 models (MobileNets, EfficientNet: depthwise convolutions, which onnxruntime's fused
+#: kernels run ~2x faster than eager PyTorch; the model is exported in memory once per loaded model, with its
+#: penultimate features as a second output: benchmarks/README.md), and everything else (the big dense models,
+#: whose export takes 10-13 s for +13-30 %; bf16; CUDA) through PyTorch; ``"torch"``: always PyTorch.
 BACKENDS = ("auto", "torch")
+
+
+def uses_onnxruntime(bundle, backend: str = "auto") -> bool:
+    """Whether :func:`forward` runs ``bundle``'s fp32 passes through onnxruntime."""
+    if backend != "auto" or str(bundle.device) != "cpu":
+        return False
+    try:
+        return not get_config(bundle.meta["model"]).cpu_bf16
+    except (KeyError, ValueError):  # a model name the registry does not know
+        return False
 #: model -> (onnxruntime session, its outputs, the weights' versions it was built from)
 _SESSIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -229,7 +241,8 @@ def forward(bundle, x_uint8, *, batch_size: int = 64, features: bool = False, tt
     also the normalised input tensor (for a saliency map of exactly what was classified).
     ``precision``: ``"auto"`` (the bundle's ``inference_bf16`` on CPU: bf16, images whose top-two
     probabilities lie within ``bf16_guard`` re-run in fp32), ``"fp32"`` or ``"bf16"`` (no re-run).
-    ``backend``: ``"auto"`` (fp32 on CPU through onnxruntime, :data:`BACKENDS`) or ``"torch"``.
+    ``backend``: ``"auto"`` (fp32 on CPU through onnxruntime for the small depthwise models,
+    :data:`BACKENDS`, :func:`uses_onnxruntime`) or ``"torch"``.
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
@@ -240,7 +253,7 @@ def forward(bundle, x_uint8, *, batch_size: int = 64, features: bool = False, tt
     bf16 = auto_bf16 or precision == "bf16"
     guard = float(bundle.meta.get("bf16_guard", DEFAULT_BF16_GUARD))
     cl = bool(bundle.meta.get("channels_last", True))
-    ort_fp32 = backend == "auto" and str(device) == "cpu"
+    ort_fp32 = uses_onnxruntime(bundle, backend)
 
     def run(xn, fb, half: bool):
         if ort_fp32 and not half:
