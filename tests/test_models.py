@@ -188,3 +188,20 @@ def test_forward_runs_a_depthwise_model_through_onnxruntime_with_torch_s_numbers
     shifted = inference.forward(b, x).logits
     assert inference._SESSIONS[b.model][0] is not session
     assert torch.allclose(shifted, ort_out.logits + 1.0, atol=1e-4)
+
+
+def test_bundle_pipeline_is_stored_and_follows_the_metadata_fields(tmp_path):
+    """The preprocessing is stored as data; an old bundle without it and a field edited after make_meta both
+    get the pipeline the fields describe."""
+    from leukoscope.models.pipeline import Pipeline
+
+    model, meta, path = _bundle(tmp_path)
+    steps = read_meta(path)["pipeline"]["steps"]
+    assert [s["name"] for s in steps] == ["physical_scale", "crop_or_pad", "normalize"]
+    assert steps[0]["um_per_px"] == 0.29 and steps[1]["size"] == 32
+    old = {k: v for k, v in meta.items() if k != "pipeline"}
+    assert Pipeline.from_meta(old).to_dict() == Pipeline.from_meta(meta).to_dict()
+    edited = {**meta, "input_size": 40, "white_balance": True}
+    b = load_bundle(save_bundle(model, edited, tmp_path / "edited.safetensors"))
+    assert [s["name"] for s in b.meta["pipeline"]["steps"]][0] == "white_balance"
+    assert b.pipeline.input_size == 40 and b.prepare([np.zeros((50, 50, 3), np.uint8)]).shape == (1, 40, 40, 3)

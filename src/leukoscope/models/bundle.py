@@ -171,7 +171,7 @@ def make_meta(*, classes: Sequence[str], model: str, input_size: int, mean, std,
         "intended_use": INTENDED_USE,
     }
     meta.update(extra)
-    meta.setdefault(PIPELINE_KEY, Pipeline.from_meta(meta).to_dict())
+    meta[PIPELINE_KEY] = Pipeline.from_meta(meta).to_dict()
     return meta
 
 
@@ -184,7 +184,7 @@ def save_bundle(model, meta: dict, path: str | os.PathLike) -> Path:
     for key in ("classes", "model", "input_size", "mean", "std", "temperature"):
         if key not in meta:
             raise ValueError(f"bundle metadata lacks {key!r}")
-    meta = {**meta, PIPELINE_KEY: Pipeline.from_meta(meta).to_dict()}  # checked; written for older metadata
+    meta = {**meta, PIPELINE_KEY: Pipeline.from_meta(meta).to_dict()}  # as the fields say (Pipeline.from_meta)
     text = json.dumps(meta, default=_json_default, allow_nan=True)
     with atomic_path(path) as tmp:
         save_file(_state_for_file(model), str(tmp), metadata={META_KEY: text})

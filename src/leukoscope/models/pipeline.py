@@ -156,12 +156,19 @@ class Pipeline:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Pipeline":
-        """A bundle's pipeline: ``meta["pipeline"]``, or for older bundles the one its fields describe."""
-        if meta.get(PIPELINE_KEY):
-            return cls.from_dict(meta[PIPELINE_KEY])
-        return cls.build(int(meta["input_size"]), um_per_px=meta.get("um_per_px"),
-                         white_balance=bool(meta.get("white_balance", False)),
-                         mean=meta.get("mean", (0.0, 0.0, 0.0)), std=meta.get("std", (1.0, 1.0, 1.0)))
+        """A bundle's pipeline. The metadata fields ``white_balance``, ``um_per_px``, ``input_size``, ``mean`` and
+        ``std`` are its source: ``meta["pipeline"]`` is their serialised composition (written by ``make_meta``
+        and ``save_bundle``), used as stored when it agrees with them and rebuilt when a field was edited after
+        it was written; a bundle without it (written before the pipeline existed) gets the same steps."""
+        built = cls.build(int(meta["input_size"]), um_per_px=meta.get("um_per_px"),
+                          white_balance=bool(meta.get("white_balance", False)),
+                          mean=meta.get("mean", (0.0, 0.0, 0.0)), std=meta.get("std", (1.0, 1.0, 1.0)))
+        stored = meta.get(PIPELINE_KEY)
+        if stored:
+            pipe = cls.from_dict(stored)
+            if pipe.to_dict() == built.to_dict():
+                return pipe
+        return built
 
     def to_dict(self) -> dict:
         return {"steps": [s.to_dict() for s in self.steps]}
