@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from leukoscope import INTENDED_USE, __version__, taxonomy
+from leukoscope.io import _json_default, atomic_path
 from leukoscope.models.inference import forward, prepare_batch
 from leukoscope.models.pipeline import PIPELINE_KEY, Pipeline
 from leukoscope.models.registry import create_model
@@ -178,8 +179,6 @@ def make_meta(*, classes: Sequence[str], model: str, input_size: int, mean, std,
 def save_bundle(model, meta: dict, path: str | os.PathLike) -> Path:
     """Write weights + metadata atomically to ``path`` (a ``.safetensors`` file)."""
     from safetensors.torch import save_file
-
-    from leukoscope.io import _json_default, atomic_path
 
     for key in ("classes", "model", "input_size", "mean", "std", "temperature"):
         if key not in meta:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from leukoscope.io import atomic_path
+
 
 class LogitsAndFeatures(nn.Module):
     """``model`` returning ``(logits, penultimate features)``: the input of its last ``nn.Linear``."""
@@ -68,8 +70,6 @@ def export_onnx(bundle, path: str | os.PathLike, *, opset: int = 17, batch: int 
     """Write ``path``; verify logits against PyTorch on a random batch; return the check."""
     import onnx
     import onnxruntime as ort
-
-    from leukoscope.io import atomic_path
 
     model = bundle.model.float().eval().to("cpu")
     s = bundle.input_size

@@ -40,10 +40,12 @@ import pandas as pd
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
+from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
-from leukoscope.screen.detect import (DetectParams, StainCalibration, box_iou, calibrate, detect_leukocytes,
-                                      work_factor)
+from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
+                                      detect_leukocytes, work_factor)
+from leukoscope.screen.review import write_review
 from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, tile_grid
 
 #: Default referral threshold on the calibrated top-class probability. With a
@@ -94,15 +96,11 @@ class ScreenResult:
 
     def write(self, out_dir: str | os.PathLike, bundle=None, review: bool = True, **review_kwargs) -> dict[str, Path]:
         """Write ``cells.csv``, ``summary.json`` and (with the bundle) ``review.html`` atomically."""
-        from leukoscope.io import atomic_write_csv, atomic_write_json
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"cells": atomic_write_csv(self.cells, out / "cells.csv"),
                  "summary": atomic_write_json(self.summary, out / "summary.json")}
         if review:
-            from leukoscope.screen.review import write_review
-
             paths["review"] = write_review(self, out / "review.html", bundle=bundle, **review_kwargs)
         return paths
 
@@ -279,8 +277,6 @@ class ScreenEngine:
         return res
 
     def _empty_cells(self) -> pd.DataFrame:
-        from leukoscope.screen.detect import DETECTION_COLUMNS
-
         cols = DETECTION_COLUMNS + ["tile"] + [f"prob_{c}" for c in self.classes]
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
 

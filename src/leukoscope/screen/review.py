@@ -22,6 +22,7 @@ import pandas as pd
 
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.evaluate.saliency import saliency_map
+from leukoscope.io import atomic_write_text
 from leukoscope.models.inference import forward
 from leukoscope.screen.crops import crop_size_px, model_crops, model_fov_um
 from leukoscope.screen.tiles import open_smear
@@ -169,8 +170,6 @@ def write_review(result, path: str | os.PathLike, bundle=None, max_cells: int = 
                  max_saliency: int = MAX_SALIENCY) -> Path:
     """Render ``review.html`` for a :class:`~leukoscope.screen.engine.ScreenResult` (atomic)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-    from leukoscope.io import atomic_write_text
 
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
     env.filters["pct"] = pct
