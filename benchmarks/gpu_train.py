@@ -124,8 +124,8 @@ def timed_steps(step, warmup: int, steps: int, device):
 def run_ours(args, device, pool_u8, labels, batch: int) -> dict:
     import torch
 
-    from leukoscope.models.bundle import autocast_context
-    from leukoscope.models.preprocess import normalize
+    from leukoscope.models.precision import autocast_context
+    from leukoscope.models.pipeline import normalize
     from leukoscope.models.registry import create_model, get_config
     from leukoscope.train.augment import AugmentConfig, augment_batch
 

@@ -16,19 +16,23 @@ many calls: with ``--bundle`` a trained model is measured instead (``benchmarks/
 makes one), on the images of ``--data`` (``--split``/``--fold``: the held-out fold only).
 
 Whether bf16 may be used, and its guard (top-two margin under which a call is re-run in fp32),
-come from :func:`leukoscope.models.bundle.bf16_check` on calibration images that are not timed
+come from :func:`leukoscope.models.precision.bf16_check` on calibration images that are not timed
 (as training decides it on its validation images), unless the trained bundle records them.
 
 Ways (each in its own process, driven in turn by this one, same images, same batch size):
 
 * ``naive``: the weights loaded into the torchvision model, eval, ``torch.no_grad``,
   ``ToTensor``/``Normalize``-style float NCHW batches, fp32, eager, glibc malloc.
-* ``ours``: ``load_bundle(...).predict_proba(uint8 batch)``, the path of ``leukoscope predict``
-  and ``screen``, under tcmalloc as the ``leukoscope`` command runs it. The bundle says
+* ``ours``: ``load_bundle(...).predict_proba_prepared(uint8 batch)``: the one forward pass of
+  ``leukoscope predict``, ``evaluate``, ``cv`` and ``screen`` (:func:`leukoscope.models.inference.forward`;
+  fp32 on CPU runs through onnxruntime, the model exported in memory once per process), under
+  tcmalloc as the ``leukoscope`` command runs it. The bundle says
   ``inference_bf16: true`` with the guard of ``bf16_check`` (near-ties re-run in fp32; the table's
   ``rechecked`` column counts them), whatever the check concluded, to show what bf16 costs and
   gives (``--bf16 off``: fp32 bundle); ``bf16_check`` says whether training would switch it on.
 * ``ours_fp32``: the same path with a bundle that says ``inference_bf16: false``.
+* ``ours_torch`` (only with ``--torch``): ``ours_fp32`` with the forward's PyTorch backend
+  (``backend="torch"``: eager, channels-last, ``inference_mode``), for comparison.
 * ``onnx``: ``leukoscope.models.export.export_onnx`` then onnxruntime (CPU provider, default
   graph optimisations = all), fp32; export time reported apart.
 * ``compiled`` (only with ``--compile``): the fp32 bundle's model under ``torch.compile``
@@ -36,8 +40,11 @@ Ways (each in its own process, driven in turn by this one, same images, same bat
   warm-up batch's, reported apart.
 
 Timing: one untimed warm-up batch per way, then ``--rounds`` rounds of one batch per way in turn;
-cells/s from the median batch. Images are prepared (decoded, at the model's size) beforehand:
-the figures are the model's cells/s, not the disk's. Agreement: argmax of every way against
+cells/s from the median batch. Images are prepared once beforehand and every way gets the same
+prepared pixels: with ``--bundle`` through the bundle's own pipeline (white balance, physical
+scale by the scale policy as ``leukoscope predict`` resolves it, crop/pad; the preparation is
+timed apart: decode and pipeline cells/s), otherwise resized to the model's size. The figures are
+the model's cells/s, not the disk's. Agreement: argmax of every way against
 ``naive`` on the rounds' images, and of ``ours`` against ``onnx`` (fp32) on all ``--images``.
 """
 
@@ -54,7 +61,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-WAYS = ("naive", "ours", "ours_fp32", "onnx", "compiled")
+WAYS = ("naive", "ours", "ours_fp32", "onnx", "ours_torch", "compiled")
 DEFAULT_WAYS = WAYS[:4]
 
 
@@ -62,10 +69,33 @@ DEFAULT_WAYS = WAYS[:4]
 
 
 def prepare_images(paths, size: int) -> np.ndarray:
-    from leukoscope.images import load_rgb
-    from leukoscope.models.preprocess import prepare_image
+    from leukoscope.imaging.images import load_rgb
+    from leukoscope.models.pipeline import prepare_image
 
     return np.stack([prepare_image(load_rgb(p), size) for p in paths])
+
+
+def prepare_for_bundle(bundle_path: str, paths, inputs) -> tuple[np.ndarray, dict]:
+    """``paths`` through the bundle's pipeline at the µm/px ``leukoscope predict`` would use
+    (:func:`leukoscope.predict.input_scale`); decode and pipeline timed apart."""
+    from leukoscope.imaging.images import load_rgb
+    from leukoscope.imaging.scale_policy import ScalePolicy
+    from leukoscope.models.bundle import load_bundle
+    from leukoscope.predict import _trained_on_estimated_scale, input_scale
+
+    bundle = load_bundle(bundle_path)
+    t0 = time.perf_counter()
+    policy = ScalePolicy(estimate="group" if _trained_on_estimated_scale(bundle) else "off")
+    ums, rec = input_scale(inputs, [Path(p) for p in paths], policy)
+    t1 = time.perf_counter()
+    imgs = [load_rgb(p) for p in paths]
+    t2 = time.perf_counter()
+    x = np.stack([bundle.pipeline.prepare(img, ums.get(str(p))) for img, p in zip(imgs, paths)])
+    t3 = time.perf_counter()
+    n = len(paths)
+    return x, {"scale": rec["origin"], "scale_seconds": t1 - t0, "decode_cells_per_s": n / (t2 - t1),
+               "pipeline_cells_per_s": n / (t3 - t2),
+               "pipeline": [s["name"] for s in bundle.pipeline.to_dict()["steps"]]}
 
 
 def make_bundle(model_name: str, size: int, calib: np.ndarray, path: Path, bf16: bool,
@@ -76,7 +106,7 @@ def make_bundle(model_name: str, size: int, calib: np.ndarray, path: Path, bf16:
 
     from leukoscope import taxonomy
     from leukoscope.models.bundle import make_meta, save_bundle
-    from leukoscope.models.preprocess import normalize
+    from leukoscope.models.pipeline import normalize
     from leukoscope.models.registry import create_model, get_config
 
     cfg = get_config(model_name, input_size=size)
@@ -109,7 +139,9 @@ def write_bundles(model, meta: dict, calib, path: Path, bf16: bool, path_fp32: P
     and the fp32 bundle; returns the check."""
     import torch
 
-    from leukoscope.models.bundle import bf16_check, forward_logits, save_bundle
+    from leukoscope.models.bundle import save_bundle
+    from leukoscope.models.inference import forward_logits
+    from leukoscope.models.precision import bf16_check
 
     check = {}
     if bf16 and "bf16_guard" not in meta:
@@ -184,10 +216,12 @@ def _setup(role: str, cfg: dict):
                 return torch.softmax(model(t).double(), 1).numpy()
 
         info.update(bf16=False, channels_last=False)
-    elif role in ("ours", "ours_fp32", "compiled"):
+    elif role in ("ours", "ours_fp32", "ours_torch", "compiled"):
         from leukoscope.models.bundle import load_bundle
 
         bundle = load_bundle(cfg["bundle"] if role == "ours" else cfg["bundle_fp32"])
+        if role in ("ours_torch", "compiled"):
+            bundle.backend = "torch"
         if role == "compiled":  # fp32 bundle under torch.compile (inductor, weights frozen: BN folded)
             import torch._inductor.config as inductor_config
 
@@ -195,7 +229,7 @@ def _setup(role: str, cfg: dict):
             bundle.model = torch.compile(bundle.model)
 
         def probs(x):
-            p = bundle.predict_proba(torch.from_numpy(x), batch_size=bs)
+            p = bundle.predict_proba_prepared(torch.from_numpy(x), batch_size=bs)
             holder_rechecked.append(bundle.last_fp32_rechecked)
             return p
 
@@ -219,7 +253,7 @@ def _setup(role: str, cfg: dict):
         t = bundle.temperature
 
         def probs(x):
-            z = sess.run(["logits"], {"input": bundle.preprocess(x).numpy()})[0]
+            z = sess.run(["logits"], {"input": bundle.pipeline.normalize(x).contiguous().numpy()})[0]
             return torch.softmax(torch.from_numpy(z).double() / t, 1).numpy()
 
         info.update(bf16=False, channels_last=False, onnxruntime=ort.__version__)
@@ -273,7 +307,11 @@ def run(args) -> dict:
         paths, _, source = C.image_source(n_img + (n_calib if args.bundle else 0), synthetic=args.synthetic,
                                           tmp=str(tmp))
     t0 = time.perf_counter()
-    images = prepare_images(paths[:n_img + n_calib], args.input_size)
+    prep_info: dict = {}
+    if args.bundle:  # the same prepared pixels for every way: the bundle's pipeline, as predict runs it
+        images, prep_info = prepare_for_bundle(args.bundle, paths[:n_img + n_calib], [args.data] if args.data else [])
+    else:
+        images = prepare_images(paths[:n_img + n_calib], args.input_size)
     prep_s = time.perf_counter() - t0
     if args.bundle:  # calibration images apart from the timed ones (as training checks on validation images)
         calib, images = images[n_img:], images[:n_img]
@@ -294,7 +332,8 @@ def run(args) -> dict:
            "bundle_fp32": str(tmp / "model_fp32.safetensors"), "batch_size": args.batch_size}
     n_batches = -(-len(images) // args.batch_size)
     script = Path(__file__).resolve()
-    ways = [w for w in (WAYS if args.compile else DEFAULT_WAYS) if w not in args.skip]
+    ways = [w for w in WAYS if (w in DEFAULT_WAYS or (w == "compiled" and args.compile)
+                                or (w == "ours_torch" and args.torch)) and w not in args.skip]
     workers, times, probs = {}, {w: [] for w in ways}, {w: [] for w in ways}
     rechecked = {w: 0 for w in ways}
     try:
@@ -351,7 +390,7 @@ def run(args) -> dict:
     res = {
         "benchmark": "predict_throughput", "model": args.model, "input_size": args.input_size,
         "batch_size": args.batch_size, "rounds": args.rounds, "images": source, "n_images": int(len(images)), "bundle": args.bundle,
-        "prepare_seconds": prep_s, "cpu": cpu, "peak": peak, "torch": torch.__version__,
+        "prepare_seconds": prep_s, "prepare": prep_info, "cpu": cpu, "peak": peak, "torch": torch.__version__,
         "forward_gflops_per_image": fwd / 1e9, **made,
         "ways": rows, "naive": rows.get("naive"), "ours": rows.get("ours"),
         "ratio": rows["ours"].get("ratio", float("nan")) if "ours" in rows else float("nan"),
@@ -386,6 +425,11 @@ def report(res: dict) -> str:
                      f"guard {chk['bf16_guard']:.3g}, {chk['recheck_fraction']:.0%} re-run in fp32, agreement "
                      f"{chk['agreement_bf16_alone']:.3f} bf16 alone / {chk['agreement_with_recheck']:.3f} with re-runs; "
                      f"training would {'switch bf16 on' if chk['inference_bf16'] else 'keep fp32 (' + chk['reason'] + ')'}")
+    if res.get("prepare"):
+        pr = res["prepare"]
+        lines.append(f"preparation (once, not in the table): {' -> '.join(pr['pipeline'])}; scale: {pr['scale']} "
+                     f"({pr['scale_seconds']:.1f}s); decode {pr['decode_cells_per_s']:.0f} cells/s, pipeline "
+                     f"{pr['pipeline_cells_per_s']:.0f} cells/s")
     if res.get("onnx_export_seconds") is not None:
         lines.append(f"onnx export (once): {res['onnx_export_seconds']:.1f}s")
     if res.get("compile_seconds") is not None:
@@ -401,6 +445,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
                     help="what the bundle's inference_bf16 says (auto: the model's CPU default where the CPU has bf16)")
     ap.add_argument("--compile", action="store_true", help="add the fp32 torch.compile way (slow to compile)")
+    ap.add_argument("--torch", action="store_true", help="add ours_torch: the one path with its PyTorch backend")
     ap.add_argument("--skip", nargs="*", default=[], choices=list(WAYS), help="ways to leave out")
     ap.add_argument("--bundle", help="a trained bundle instead of the seeded model (its model and input size)")
     ap.add_argument("--calib", type=int, default=32,

@@ -128,8 +128,8 @@ def _acc(pred, sources):
 
 
 def eval_variant(name: str, tta: bool = False) -> list[dict]:
-    from leukoscope.evaluate.external import (evaluate_sets, fit_reference, store_reference, validation_table,
-                                              write_outputs)
+    from leukoscope.evaluate.external import evaluate_sets, validation_table, write_outputs
+    from leukoscope.models.ood import fit_reference, store_reference
     from leukoscope.models.bundle import load_bundle
     from leukoscope.train.loop import resolve_training_scale
 

@@ -6,7 +6,7 @@ Detection is scored against BCCD's WBC boxes (``../shared/data/smears/bccd``) at
 one-to-one (Hungarian) matching, separately on the even image ids (the half the detector's
 parameters were tuned on) and the odd ids (held out). BCCD gives no scale: by default it is
 7.5 µm / 104 px = 0.0721 µm/px (the median RBC box is 104 px; a red cell is ~7.5 µm); the
-red-cell estimate of :func:`leukoscope.scale_estimate.estimate_field_scale` is reported beside it.
+red-cell estimate of :func:`leukoscope.imaging.scale_estimate.estimate_field_scale` is reported beside it.
 End to end (detect + crop + classify) runs the :class:`~leukoscope.screen.engine.ScreenEngine`
 with the bundle given by ``--model``, or an untrained ``plain_cnn`` at 64 px when none is given.
 """
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     if not BCCD.exists():
         print(f"BCCD not found at {BCCD}; nothing to measure")
         return 1
-    from leukoscope.images import load_rgb
-    from leukoscope.scale_estimate import estimate_field_scale
+    from leukoscope.imaging.images import load_rgb
+    from leukoscope.imaging.scale_estimate import estimate_field_scale
     from leukoscope.screen.detect import detect_leukocytes, match_boxes
 
     boxes = pd.read_csv(BCCD / "boxes.csv")

@@ -87,8 +87,8 @@ def _setup_ours(cfg: dict):
     import pandas as pd
     import torch
 
-    from leukoscope.models.bundle import autocast_context
-    from leukoscope.models.preprocess import normalize
+    from leukoscope.models.precision import autocast_context
+    from leukoscope.models.pipeline import normalize
     from leukoscope.models.registry import create_model, get_config
     from leukoscope.train.augment import AugmentConfig, augment_batch
     from leukoscope.train.balance import balanced_epoch

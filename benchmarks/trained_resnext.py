@@ -17,7 +17,7 @@ script uses progressive resizing:
    ``--n-bn`` training images (cumulative average, no gradient: after the jump in resolution the
    running averages of 8-image batches were far off, held-out accuracy 0.12 in eval mode against
    0.60 with batch statistics), scores the result on held-out cells (``--fold`` of ``--split``),
-   runs training's bf16 check (:func:`leukoscope.models.bundle.bf16_check`) on training-side
+   runs training's bf16 check (:func:`leukoscope.models.precision.bf16_check`) on training-side
    images, and writes a bundle. ``--steps 0`` only re-estimates the statistics.
 
 It is a benchmark fixture, not a model to use: a few thousand images seen, held-out
@@ -57,8 +57,10 @@ def main(argv=None) -> int:
     import torch
 
     from leukoscope.data import read_dataset, read_split
-    from leukoscope.models.bundle import bf16_check, forward_logits, load_bundle, save_bundle
-    from leukoscope.models.preprocess import normalize
+    from leukoscope.models.bundle import load_bundle, save_bundle
+    from leukoscope.models.inference import forward_logits
+    from leukoscope.models.precision import bf16_check
+    from leukoscope.models.pipeline import normalize
     from leukoscope.train.augment import AugmentConfig, augment_batch
 
     src = load_bundle(a.src)

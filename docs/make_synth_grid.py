@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from leukoscope import taxonomy  # noqa: E402
-from leukoscope.images import load_rgb  # noqa: E402
+from leukoscope.imaging.images import load_rgb  # noqa: E402
 from leukoscope.synth import make_cell  # noqa: E402
 
 THUMB = 112

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from leukoscope.evaluate.external import (evaluate_sets, fit_reference, group_labels, store_reference,
-                                          validation_table, write_outputs)
+from leukoscope.evaluate.external import evaluate_sets, group_labels, validation_table, write_outputs
+from leukoscope.models.ood import fit_reference, store_reference
 from leukoscope.models.bundle import load_bundle, make_meta, save_bundle
 from leukoscope.models.registry import create_model
 
@@ -37,7 +37,7 @@ def pbc_cells(table, label, n, offset):
 
 def inverted_copies(table, root):
     """Colour-inverted copies of the images of ``table`` in ``root``: an obviously shifted set."""
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
 
     root.mkdir(parents=True, exist_ok=True)
     rows = []

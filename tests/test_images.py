@@ -5,7 +5,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from leukoscope.images import ImageError, load_rgb
+from leukoscope.imaging.images import ImageError, load_rgb
 
 
 def test_rgba_alpha_dropped_not_composited(tmp_path):

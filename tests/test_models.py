@@ -13,7 +13,7 @@ from leukoscope.models import (
     NotABundleError, create_model, get_config, list_models, load_bundle, prepare_image, read_meta, save_bundle,
 )
 from leukoscope.models.bundle import make_meta
-from leukoscope.scale import LMU_UM_PER_PX
+from leukoscope.imaging.scale import LMU_UM_PER_PX
 
 SMALL = {"widths": [4, 8], "hidden": 8, "dropout": 0.0}
 
@@ -143,7 +143,7 @@ def test_bf16_bundle_reruns_near_ties_in_fp32(tmp_path):
 
 
 def test_bf16_check_decides_from_validation_logits():
-    from leukoscope.models.bundle import bf16_check
+    from leukoscope.models.precision import bf16_check
 
     g = torch.Generator().manual_seed(0)
     z32 = torch.randn(200, 5, generator=g) * 4
@@ -162,3 +162,46 @@ def test_bf16_check_decides_from_validation_logits():
     flat = bf16_check(z32 * 0.001, z32 * 0.001 + torch.randn(200, 5, generator=g) * 0.01)
     assert not flat["inference_bf16"] and flat["recheck_fraction"] > 0.25 and "would not pay" in flat["reason"]
     assert not bf16_check(torch.zeros(0, 5), torch.zeros(0, 5))["inference_bf16"]
+
+
+def test_forward_runs_a_depthwise_model_through_onnxruntime_with_torch_s_numbers(tmp_path):
+    """The one forward path: fp32 on CPU for a MobileNet goes through onnxruntime (the model exported in
+    memory once), with PyTorch's logits and penultimate features; a change of the weights rebuilds it."""
+    from leukoscope.models import inference
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v3_small", num_classes=4, input_size=32).eval()
+    meta = make_meta(classes=["LYT", "MOB", "MYO", "NGS"], model="mobilenet_v3_small", input_size=32,
+                     mean=(0.5,) * 3, std=(0.25,) * 3, um_per_px=None)
+    b = load_bundle(save_bundle(model, meta, tmp_path / "m.safetensors"))
+    x = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    assert inference.uses_onnxruntime(b) and not inference.uses_onnxruntime(b, "torch")
+    ort_out = inference.forward(b, x, features=True, batch_size=3)
+    session = inference._SESSIONS[b.model][0]
+    pt_out = inference.forward(b, x, features=True, batch_size=3, backend="torch")
+    assert torch.allclose(ort_out.logits, pt_out.logits, atol=1e-4)
+    assert np.allclose(ort_out.features, pt_out.features, atol=1e-4) and ort_out.features.shape[0] == 5
+    assert torch.equal(inference.forward(b, x).logits, ort_out.logits)  # the same session, the same numbers
+    assert inference._SESSIONS[b.model][0] is session
+    with torch.no_grad():
+        b.model.classifier[-1].bias += 1.0
+    shifted = inference.forward(b, x).logits
+    assert inference._SESSIONS[b.model][0] is not session
+    assert torch.allclose(shifted, ort_out.logits + 1.0, atol=1e-4)
+
+
+def test_bundle_pipeline_is_stored_and_follows_the_metadata_fields(tmp_path):
+    """The preprocessing is stored as data; an old bundle without it and a field edited after make_meta both
+    get the pipeline the fields describe."""
+    from leukoscope.models.pipeline import Pipeline
+
+    model, meta, path = _bundle(tmp_path)
+    steps = read_meta(path)["pipeline"]["steps"]
+    assert [s["name"] for s in steps] == ["physical_scale", "crop_or_pad", "normalize"]
+    assert steps[0]["um_per_px"] == 0.29 and steps[1]["size"] == 32
+    old = {k: v for k, v in meta.items() if k != "pipeline"}
+    assert Pipeline.from_meta(old).to_dict() == Pipeline.from_meta(meta).to_dict()
+    edited = {**meta, "input_size": 40, "white_balance": True}
+    b = load_bundle(save_bundle(model, edited, tmp_path / "edited.safetensors"))
+    assert [s["name"] for s in b.meta["pipeline"]["steps"]][0] == "white_balance"
+    assert b.pipeline.input_size == 40 and b.prepare([np.zeros((50, 50, 3), np.uint8)]).shape == (1, 40, 40, 3)

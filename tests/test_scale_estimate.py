@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from leukoscope.images import load_rgb
-from leukoscope.scale import LMU_UM_PER_PX, rescale
-from leukoscope.scale_estimate import (RBC_DIAMETER_UM, estimate_dataset_scale, estimate_scale,
+from leukoscope.imaging.images import load_rgb
+from leukoscope.imaging.scale import LMU_UM_PER_PX, rescale
+from leukoscope.imaging.scale_estimate import (RBC_DIAMETER_UM, estimate_dataset_scale, estimate_scale,
                                        estimate_um_per_px, resolve_um_per_px)
 
 FACTORS = (0.5, 0.75, 1.0, 1.5)

@@ -28,7 +28,7 @@ class ScriptedBundle:
         self.i = 0
         self.seen = []
 
-    def predict_proba(self, images, um_per_px=None, batch_size=64, calibrated=True):
+    def predict_proba_prepared(self, images, batch_size=64, calibrated=True):
         images = np.asarray(images)
         self.seen.append(images.shape)
         out = np.zeros((len(images), len(self.classes)))
@@ -211,3 +211,50 @@ def test_cli_screen_with_a_real_bundle(smear_tif, tmp_path, capsys):
     assert "bad.tif" in err
     rc = main(["screen", str(bundle), str(good), "--out", str(out), "--um-per-px", "50"])
     assert rc == 2 and "plausible range" in capsys.readouterr().err
+
+
+def test_review_saliency_explains_the_input_a_white_balancing_bundle_classified(tmp_path, monkeypatch):
+    """A white-balancing bundle screened on a smear with a colour cast: the review page's saliency
+    is computed on exactly the tensor the model classified (white-balanced), not on unbalanced crops."""
+    import torch
+    from PIL import Image
+
+    from leukoscope.models.bundle import load_bundle, make_meta, save_bundle
+    from leukoscope.models.registry import create_model, get_config
+    from leukoscope.screen import review
+    from leukoscope.synth import make_smear
+
+    torch.manual_seed(0)
+    cfg = get_config("plain_cnn", input_size=32)
+    model = create_model("plain_cnn", num_classes=len(taxonomy.CLASSES), input_size=32)
+    meta = make_meta(classes=taxonomy.CLASSES, model="plain_cnn", input_size=32, mean=cfg.mean, std=cfg.std,
+                     um_per_px=cfg.um_per_px, temperature=1.0, white_balance=True)
+    bundle = load_bundle(save_bundle(model, meta, tmp_path / "model.safetensors"))
+    assert [s["name"] for s in bundle.meta["pipeline"]["steps"]][0] == "white_balance"
+    img, truth = make_smear(900, 700, n_leukocytes=4, seed=3, um_per_px=0.1)
+    cast = (img.astype(np.float32) * np.array([1.0, 0.85, 0.7], np.float32)).clip(0, 255).astype(np.uint8)
+    path = tmp_path / "cast.png"
+    Image.fromarray(cast).save(path)
+
+    classified = []
+    bundle.model.register_forward_pre_hook(lambda m, args: classified.append(args[0].detach().clone()))
+    res = ScreenEngine(bundle, um_per_px=0.1, progress=False).screen([path])
+    assert len(res.cells) >= 1
+    seen = torch.cat(classified)
+    explained = []
+    monkeypatch.setattr(review, "saliency_map",
+                        lambda model, x, target: explained.append(torch.as_tensor(x).clone()) or
+                        np.zeros((len(x), 32, 32)))
+    ctx = review.review_context(res, bundle)
+    assert explained and not any("skipped" in n for n in ctx["notes"])
+    x = explained[0]
+    assert len(x) == min(len(res.cells), review.MAX_SALIENCY)
+    for row in x:  # every saliency input is one of the inputs the model classified, bit for bit
+        assert any(torch.allclose(row, c.contiguous(), atol=1e-6) for c in seen), "saliency on an unclassified input"
+    # and the cast really matters: without white balance the same crops would be different inputs
+    plain = make_meta(classes=taxonomy.CLASSES, model="plain_cnn", input_size=32, mean=cfg.mean, std=cfg.std,
+                      um_per_px=cfg.um_per_px, temperature=1.0)
+    from leukoscope.screen.crops import model_crops
+
+    cx, cy = res.cells.cx.iloc[0], res.cells.cy.iloc[0]
+    assert not np.array_equal(model_crops(cast, [(cx, cy)], 0.1, plain), model_crops(cast, [(cx, cy)], 0.1, meta))

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from leukoscope.scale import to_scale
-from leukoscope.scale_estimate import estimate_field_scale
+from leukoscope.imaging.scale import to_scale
+from leukoscope.imaging.scale_estimate import estimate_field_scale
 from leukoscope.screen.count import clopper_pearson_interval, count_summary, wilson_interval
 from leukoscope.screen.crops import cell_crop, model_crops
 from leukoscope.screen.detect import box_iou, check_um_per_px, detect_leukocytes, match_boxes
@@ -137,7 +137,7 @@ def test_count_summary_flags_and_referral_denominator():
 
 @pytest.mark.shared_data
 def test_bccd_detection_on_real_fields(bccd_root):
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
 
     boxes = pd.read_csv(bccd_root / "boxes.csv")
     names = ["BloodImage_00000", "BloodImage_00010", "BloodImage_00050", "BloodImage_00113",

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from leukoscope.stain import (blur_jitter, colour_augment, gamma_jitter, hed_jitter, hed_to_rgb, lab_stats,
-                              normalize_stain, reference_stats, rgb_to_hed, saturation_jitter)
+from leukoscope.imaging.colour import lab_stats, normalize_stain, reference_stats
+from leukoscope.train.augment import blur_jitter, colour_augment, gamma_jitter, hed_jitter, hed_to_rgb, rgb_to_hed, saturation_jitter
 from leukoscope.train import augment as aug
 
 

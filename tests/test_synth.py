@@ -146,7 +146,7 @@ def test_the_same_seed_gives_the_same_cell_geometry_at_every_size():
 def test_write_cells_makes_an_lmu_layout_readable_by_the_readers(tmp_path):
     from leukoscope.data import read_dataset
     from leukoscope.data.readers import read_annotations
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
 
     out = write_cells(tmp_path / "ds", per_class=2, seed=3, size=48, reannotate_fraction=0.5)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tiff"))

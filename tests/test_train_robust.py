@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from leukoscope.stain import colour_augment
+from leukoscope.train.augment import colour_augment
 from leukoscope.train import TrainConfig, cross_validate, preset, train
 from leukoscope.train.augment import AugmentConfig, augment_batch
 from leukoscope.train.config import config_diff as _config_diff
@@ -199,8 +199,8 @@ def test_lmu_crops_resized_by_a_known_factor_get_their_scale_estimated(lmu_sampl
     from PIL import Image
 
     from leukoscope.data import read_dataset
-    from leukoscope.images import load_rgb
-    from leukoscope.scale import LMU_UM_PER_PX, rescale
+    from leukoscope.imaging.images import load_rgb
+    from leukoscope.imaging.scale import LMU_UM_PER_PX, rescale
 
     f = 0.5
     rows = []
@@ -256,7 +256,7 @@ def test_reference_can_be_skipped(cells, tmp_path):
 
 
 def test_reference_sample_is_stratified_bounded_and_seeded():
-    from leukoscope.train.loop import reference_sample
+    from leukoscope.models.ood import reference_sample
 
     t = pd.DataFrame({"path": [f"p{i}" for i in range(1005)], "label": ["NGS"] * 700 + ["LYT"] * 300 + ["EOS"] * 5})
     assert reference_sample(t, 2000) is t

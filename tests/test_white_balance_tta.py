@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from leukoscope.models.preprocess import dihedral_views, prepare_image
-from leukoscope.stain import background_colour, white_balance
+from leukoscope.models.pipeline import dihedral_views, prepare_image
+from leukoscope.imaging.colour import background_colour, white_balance
 from leukoscope.train import TrainConfig, train
 
 from conftest import TINY as BASE_TINY
@@ -28,7 +28,7 @@ def cast(img: np.ndarray, gains=(1.0, 0.88, 0.78)) -> np.ndarray:
 
 
 def test_white_balance_makes_the_background_neutral_and_is_deterministic(cells):
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
 
     img = cast(load_rgb(cells.table["path"][0]))
     out = white_balance(img)
@@ -45,7 +45,7 @@ def test_white_balance_makes_the_background_neutral_and_is_deterministic(cells):
 def test_white_balance_undoes_an_illuminant_cast_on_real_cells():
     """A real LMU cell and a PBC cell, each under a yellow and a blue cast: after white balance the
     two casts of one cell agree within a few grey levels, before it they differ by tens."""
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
 
     lmu = sorted(shared("aml_lmu_sample").rglob("*.tif*"))[0]
     pbc = sorted(shared("pbc", "images").rglob("*.jpg"))[0]
@@ -58,7 +58,7 @@ def test_white_balance_undoes_an_illuminant_cast_on_real_cells():
 
 
 def test_prepare_image_applies_white_balance_before_resizing(cells):
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
 
     img = cast(load_rgb(cells.table["path"][0]))
     assert np.array_equal(prepare_image(img, 32, white_balance=True), prepare_image(white_balance(img), 32))
@@ -75,7 +75,7 @@ def test_cache_built_without_white_balance_is_not_reused_with_it(cells):
 
 
 def test_trained_with_white_balance_the_bundle_applies_it_and_ignores_a_cast(cells, tmp_path):
-    from leukoscope.images import load_rgb
+    from leukoscope.imaging.images import load_rgb
     from leukoscope.models import load_bundle
 
     res = train(cells.table, tmp_path / "run", TrainConfig(**TINY, white_balance=True, ood_reference=False),
@@ -162,8 +162,8 @@ def test_ood_colour_features_of_a_white_balancing_bundle_ignore_a_cast(cells, tm
     it is far away."""
     from PIL import Image
 
-    from leukoscope.evaluate.external import prepare_images
-    from leukoscope.images import load_rgb
+    from leukoscope.models.ood import prepare_images
+    from leukoscope.imaging.images import load_rgb
     from leukoscope.models import load_bundle
 
     paths = list(cells.table["path"][:6])

@@ -19,8 +19,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from leukoscope import taxonomy
-from leukoscope.images import ImageError, load_rgb
+from leukoscope.data.readers import iter_image_paths
+from leukoscope.evaluate.predictions import predictions_table
+from leukoscope.imaging.scale_policy import ScalePolicy
+from leukoscope.models.inference import prepare_many
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
 
@@ -36,11 +38,11 @@ def _trained_on_estimated_scale(bundle) -> bool:
     return (bundle.meta.get("training_scale") or {}).get("scale") == "estimate"
 
 
-def estimate_input_scale(inputs: Iterable[str | os.PathLike], paths: Sequence[Path]) -> tuple[dict, dict]:
-    """µm/px per image from the red cells, pooled per input (a folder given on the command line is one
-    source; single files are pooled per parent folder): ``({path: µm/px or None}, record)``."""
-    from leukoscope.scale_estimate import resolve_um_per_px
-
+def input_scale(inputs: Iterable[str | os.PathLike], paths: Sequence[Path], policy: ScalePolicy
+                ) -> tuple[dict, dict]:
+    """µm/px per image by the scale ``policy``; an estimate pools the red cells per input (a folder given
+    on the command line is one source; single files are pooled per parent folder):
+    ``({path: µm/px or None}, record)`` (:class:`~leukoscope.imaging.scale_policy.ScaleRecord` as a dict)."""
     roots = [Path(i).resolve() for i in inputs if Path(i).is_dir()]
 
     def source(p: Path) -> str:
@@ -50,29 +52,18 @@ def estimate_input_scale(inputs: Iterable[str | os.PathLike], paths: Sequence[Pa
                 return str(r)
         return str(rp.parent)
 
-    table = pd.DataFrame({"path": [str(p) for p in paths], "source": [source(p) for p in paths]})
-    res = resolve_um_per_px(table, estimate="group")
-    ums = {p: (float(u) if np.isfinite(u) else None) for p, u in zip(table["path"], res.um_per_px)}
-    return ums, {"origin": "estimated from red cells (7.5 µm), pooled per input", "estimates": res.estimates,
-                 "warnings": list(res.warnings)}
+    table = pd.DataFrame({"path": [str(p) for p in paths], "source": [source(Path(p)) for p in paths]})
+    um, _, rec = policy.resolve(table, reemit=True)
+    return {p: (float(u) if np.isfinite(u) else None) for p, u in zip(table["path"], um)}, rec.to_dict()
 
 
-def predictions_table(paths: Sequence, probs: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
-    """``path,pred,p_blast,p_atypical,prob_<CLASS>...`` (classes of the model, taxonomy order)."""
-    probs = np.asarray(probs, dtype=np.float64).reshape(len(paths), len(classes))
-    df = pd.DataFrame({"path": [str(p) for p in paths]})
-    df["pred"] = np.array(classes, dtype=object)[probs.argmax(1)] if len(df) else pd.Series(dtype=object)
-    df["p_blast"] = taxonomy.binary_scores(probs, classes, "blast")
-    df["p_atypical"] = taxonomy.binary_scores(probs, classes, "atypical")
-    for j, c in enumerate(classes):
-        df[f"prob_{c}"] = probs[:, j]
-    return df
+def estimate_input_scale(inputs: Iterable[str | os.PathLike], paths: Sequence[Path]) -> tuple[dict, dict]:
+    """µm/px per image from the red cells, pooled per input: :func:`input_scale` with an estimating policy."""
+    return input_scale(inputs, paths, ScalePolicy(estimate="group"))
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given; folders expanded recursively to their image files (sorted)."""
-    from leukoscope.data.readers import iter_image_paths
-
     return iter_image_paths(inputs)
 
 
@@ -90,41 +81,30 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
     """
     inputs = list(inputs)
     paths = expand_inputs(inputs)
-    scale: dict = {"origin": "given", "um_per_px": um_per_px} if isinstance(um_per_px, (int, float)) else \
-        {"origin": "none: images resized to the model input"}
-    per_path: dict = {}
-    if um_per_px == "estimate" or (um_per_px is None and _trained_on_estimated_scale(bundle)):
-        per_path, scale = estimate_input_scale(inputs, [p for p in paths if Path(p).exists()])
-        um_per_px = None
-    elif isinstance(um_per_px, str):
+    if isinstance(um_per_px, str) and um_per_px != "estimate":
         raise ValueError(f"um_per_px must be a number, 'estimate' or None, got {um_per_px!r}")
+    estimate = um_per_px == "estimate" or (um_per_px is None and _trained_on_estimated_scale(bundle))
+    policy = ScalePolicy(given=None if isinstance(um_per_px, str) else um_per_px,
+                         estimate="group" if estimate else "off")
+    per_path, scale = input_scale(inputs, [p for p in paths if Path(p).exists()], policy)
     errors: list[dict] = []
     good: list[str] = []
     parts: list[np.ndarray] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional: progress bars only
 
         bar = tqdm(total=len(paths), desc="predicting", unit="img")
     for start in range(0, len(paths), chunk):
-        block, names = [], []
-        for p in paths[start:start + chunk]:
-            try:
-                if not Path(p).exists():
-                    raise ImageError(p, "file not found")
-                block.append(bundle.prepare([load_rgb(p)], per_path.get(str(p), um_per_px))[0])
-                names.append(str(p))
-            except (ImageError, ValueError, OSError) as exc:
-                errors.append({"path": str(p), "reason": getattr(exc, "reason", str(exc))})
-        if block:
-            import torch
-
-            probs = bundle.predict_proba(torch.from_numpy(np.stack(block)), batch_size=batch_size,
-                                         calibrated=calibrated, tta=tta)
-            parts.append(probs)
-            good.extend(names)
+        names = [str(p) for p in paths[start:start + chunk]]
+        batch = prepare_many(bundle, names, [per_path.get(n) for n in names])
+        errors.extend(batch.errors)
+        if batch.ok:
+            parts.append(bundle.predict_proba_prepared(batch.x, batch_size=batch_size, calibrated=calibrated,
+                                                       tta=tta))
+            good.extend(names[i] for i in batch.ok)
         if bar is not None:
-            bar.update(len(paths[start:start + chunk]))
+            bar.update(len(names))
     if bar is not None:
         bar.close()
     probs = np.concatenate(parts) if parts else np.zeros((0, len(bundle.classes)))

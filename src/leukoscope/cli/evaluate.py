@@ -54,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from leukoscope.cli._common import fmt
     from leukoscope.data import fold_tables, read_dataset
-    from leukoscope.evaluate.external import evaluate_sets, fit_reference, store_reference, write_outputs
+    from leukoscope.evaluate.external import evaluate_sets, write_outputs
+    from leukoscope.models.ood import fit_reference, store_reference
     from leukoscope.models.bundle import load_bundle, read_meta
 
     if (args.split is None) != (args.fold is None):

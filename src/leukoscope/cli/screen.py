@@ -34,26 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _expand(paths: list[str]) -> list[str]:
-    from pathlib import Path
-
-    from leukoscope.images import is_image_file
-
-    out = []
-    for s in paths:
-        p = Path(s)
-        if p.is_dir():
-            found = sorted(str(q) for q in p.rglob("*") if q.is_file() and is_image_file(q))
-            out.extend(found if found else [s])  # an empty folder is reported as a bad input
-        else:
-            out.append(s)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import sys
     import warnings
 
+    from leukoscope.data.readers import iter_image_paths
     from leukoscope.models.bundle import load_bundle
     from leukoscope.screen.detect import check_um_per_px
     from leukoscope.screen.engine import ScreenEngine, ScreenWarning
@@ -63,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model)
     engine = ScreenEngine(bundle, refer_below=args.refer_below, tile_size=args.tile_size, um_per_px=args.um_per_px,
                           batch_size=args.batch_size, progress=not args.quiet)
-    smears = _expand(args.smears)
+    smears = [str(p) for p in iter_image_paths(args.smears, keep_empty_dirs=True)]  # empty folder: reported
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScreenWarning)  # the same notes are printed per image below
         result = engine.screen(smears, out_dir=args.out)

@@ -14,7 +14,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from leukoscope.scale import LMU_UM_PER_PX
+    from leukoscope.imaging.scale import LMU_UM_PER_PX
 
     sub = p.add_subparsers(dest="synth_command", metavar="SUBCOMMAND", required=True)
     c = sub.add_parser(

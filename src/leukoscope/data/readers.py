@@ -45,8 +45,8 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import taxonomy
-from leukoscope.images import IMAGE_SUFFIXES, ImageError, is_image_file, load_rgb
-from leukoscope.scale import LMU_UM_PER_PX
+from leukoscope.imaging.images import IMAGE_SUFFIXES, ImageError, is_image_file, load_rgb
+from leukoscope.imaging.scale import LMU_UM_PER_PX
 
 ANNOTATIONS_NAME = "annotations.dat"
 MANIFEST_NAMES = ("labels.csv", "manifest.csv")
@@ -291,8 +291,8 @@ def read_lmu(root: str | os.PathLike, annotations: str | os.PathLike | None = No
     for rel in sorted(on_disk - listed):
         skipped.append({"path": str(root / rel), "reason": f"image not listed in {ann_path.name}"})
     mismatched = 0
-    from leukoscope.images import image_size
-    from leukoscope.scale import LMU_FIELD_UM
+    from leukoscope.imaging.images import image_size
+    from leukoscope.imaging.scale import LMU_FIELD_UM
 
     for rec in present.itertuples(index=False):
         folder = rec.path.split("/")[0]
@@ -531,13 +531,15 @@ def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
     return ds
 
 
-def iter_image_paths(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of image paths."""
+def iter_image_paths(inputs: Iterable[str | os.PathLike], *, keep_empty_dirs: bool = False) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image paths; ``keep_empty_dirs``:
+    a folder without images stays in the list (so that the caller reports it as a bad input)."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            out.extend(found if (found or not keep_empty_dirs) else [p])
         else:
             out.append(p)
     return out

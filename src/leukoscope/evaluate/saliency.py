@@ -155,7 +155,7 @@ def saliency_examples(run_dir: str | os.PathLike, pred_df: pd.DataFrame, per_cla
         from leukoscope.models.bundle import load_bundle
     except ImportError as exc:
         return [], [f"saliency maps skipped: the model bundle module cannot be imported ({exc})"]
-    from leukoscope.images import ImageError, load_rgb
+    from leukoscope.imaging.images import ImageError, load_rgb
 
     examples: list[dict] = []
     unreadable = []

@@ -3,7 +3,7 @@
 The ONNX graph takes the *normalised* float NCHW input (``bundle.preprocess``'s output)
 and returns logits; the bundle metadata (classes, mean/std, µm/px, temperature, and
 ``white_balance``: whether each image is first divided by its background colour,
-:func:`leukoscope.stain.white_balance`) is stored as ONNX metadata properties so that the
+:func:`leukoscope.imaging.colour.white_balance`) is stored as ONNX metadata properties so that the
 file stands on its own.
 
 >>> export_onnx(load_bundle("run/model.safetensors"), "model.onnx")   # doctest: +SKIP
@@ -12,12 +12,57 @@ file stands on its own.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
+
+from leukoscope.io import atomic_path
+
+
+class LogitsAndFeatures(nn.Module):
+    """``model`` returning ``(logits, penultimate features)``: the input of its last ``nn.Linear``."""
+
+    def __init__(self, model: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x):
+        feats: list = []
+        hook = self.head.register_forward_hook(lambda m, inp, out: feats.append(inp[0]))
+        try:
+            z = self.model(x)
+        finally:
+            hook.remove()
+        return z, feats[0].flatten(1)
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, *, head: nn.Linear | None = None, opset: int = 17) -> bytes:
+    """``model`` (eval, CPU, fp32) as an ONNX graph in memory: input ``input`` (normalised float NCHW, any
+    batch), output ``logits`` and, with ``head`` (its last Linear layer), ``features``."""
+    net = LogitsAndFeatures(model, head) if head is not None else model
+    outputs = ["logits", "features"] if head is not None else ["logits"]
+    buf = io.BytesIO()
+    cl = any(w.ndim == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+             for w in model.parameters())
+    model.to(memory_format=torch.contiguous_format)  # exported in NCHW; the model's own format restored after
+    try:
+        with warnings.catch_warnings():
+            # the TorchScript exporter: the torch.export-based one needs onnxscript, not a dependency
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(net, (example.contiguous(),), buf, input_names=["input"], output_names=outputs,
+                              dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+                              opset_version=opset, dynamo=False)
+    finally:
+        if cl:
+            model.to(memory_format=torch.channels_last)
+    return buf.getvalue()
 
 
 def export_onnx(bundle, path: str | os.PathLike, *, opset: int = 17, batch: int = 2, atol: float = 1e-3,
@@ -25,24 +70,15 @@ def export_onnx(bundle, path: str | os.PathLike, *, opset: int = 17, batch: int 
     """Write ``path``; verify logits against PyTorch on a random batch; return the check."""
     import onnx
     import onnxruntime as ort
-    import torch
 
-    from leukoscope.io import atomic_path
-
-    model = bundle.model.float().eval().to("cpu").to(memory_format=torch.contiguous_format)
+    model = bundle.model.float().eval().to("cpu")
     s = bundle.input_size
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, s, s, generator=g)
     x = (x - torch.tensor(bundle.mean).view(1, 3, 1, 1)) / torch.tensor(bundle.std).view(1, 3, 1, 1)
     path = Path(path)
     with atomic_path(path) as tmp:
-        with warnings.catch_warnings():
-            # the TorchScript exporter: the torch.export-based one needs onnxscript, not a dependency
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                              dynamo=False)
-        proto = onnx.load(str(tmp))
+        proto = onnx.load_model_from_string(onnx_bytes(model, x, opset=opset))
         meta = {k: v for k, v in bundle.meta.items() if k in (
             "classes", "model", "input_size", "mean", "std", "um_per_px", "temperature", "intended_use",
             "fingerprint", "white_balance")}

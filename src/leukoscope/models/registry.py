@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from leukoscope import taxonomy
+from leukoscope.imaging.scale import LMU_UM_PER_PX
 from leukoscope.models.pretrained import SOURCES, WeightsSource, load_pretrained, weights_record
-from leukoscope.scale import LMU_UM_PER_PX
 
 #: Field of view of an LMU crop: 400 px at 29/400 µm/px = 29 µm across.
 FIELD_OF_VIEW_UM = 400 * LMU_UM_PER_PX

@@ -3,8 +3,8 @@
 A model bundle records the scale of its input (``meta["um_per_px"]``, µm per input
 pixel) and its ``input_size``; their product is the field of view it saw in training
 (29 µm for LMU-like crops). A crop around a detected cell covers that same field of
-view in the smear's own pixels, and :func:`leukoscope.models.preprocess.prepare_image`
-(the one place where an image becomes a model input) resamples it, so that a cell
+view in the smear's own pixels, and the bundle's pipeline (:mod:`leukoscope.models.pipeline`,
+the one place where an image becomes a model input) white-balances and resamples it, so that a cell
 imaged at 0.1 µm/px and at 0.07 µm/px reaches the model at the same size.
 
 >>> import numpy as np
@@ -19,7 +19,8 @@ import math
 
 import numpy as np
 
-from leukoscope.scale import LMU_UM_PER_PX
+from leukoscope.imaging.scale import LMU_UM_PER_PX
+from leukoscope.models.pipeline import Pipeline
 
 #: Field of view when a bundle does not record its scale: an LMU crop (400 px x 29/400 µm/px).
 DEFAULT_FOV_UM = 400 * LMU_UM_PER_PX
@@ -64,15 +65,15 @@ def cell_crop(img: np.ndarray, cx: float, cy: float, size_px: int) -> np.ndarray
 def model_crops(img: np.ndarray, centres, um_per_px: float, meta: dict) -> np.ndarray:
     """``(n, S, S, 3)`` uint8 model inputs for cells at ``centres`` ((cx, cy) in ``img`` px).
 
-    Each crop covers the model's field of view and is brought to its size and scale by
-    :func:`leukoscope.models.preprocess.prepare_image`.
+    Each crop covers the model's field of view and goes through the bundle's own preprocessing
+    pipeline (:class:`leukoscope.models.pipeline.Pipeline`: white balance when the model was
+    trained so, physical scale, crop/pad): exactly the input the model classifies and the review
+    page's saliency explains.
     """
-    from leukoscope.models.preprocess import prepare_image
-
     size = int(meta["input_size"])
     side = crop_size_px(model_fov_um(meta), um_per_px)
-    model_um = meta.get("um_per_px") or (DEFAULT_FOV_UM / size)
+    pipe = Pipeline.from_meta(meta).with_model_scale(meta.get("um_per_px") or (DEFAULT_FOV_UM / size))
     out = np.empty((len(centres), size, size, 3), np.uint8)
     for i, (cx, cy) in enumerate(centres):
-        out[i] = prepare_image(cell_crop(img, cx, cy, side), size, model_um, um_per_px)
+        out[i] = pipe.prepare(cell_crop(img, cx, cy, side), um_per_px)
     return out

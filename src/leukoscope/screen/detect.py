@@ -19,7 +19,7 @@ CIELAB, where "blue" is a negative ``b*``:
    neighbour's) and box nucleus + cytoplasm.
 
 Every size is a physical one (µm, µm²), so the same parameters work at 0.07 and at
-0.25 µm/px. :func:`leukoscope.scale_estimate.estimate_field_scale` measures the scale
+0.25 µm/px. :func:`leukoscope.imaging.scale_estimate.estimate_field_scale` measures the scale
 of a field from its red cells (median diameter ≈ 7.5 µm) when a file does not say it.
 
 >>> import numpy as np
@@ -36,9 +36,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-#: The scales the screener accepts, µm/px: finer than this is a sub-cellular zoom,
-#: coarser makes a leukocyte a few pixels across.
-UM_PER_PX_RANGE = (0.02, 1.0)
+from leukoscope.imaging.morphology import downsample, remove_small, to_lab
+from leukoscope.imaging.scale_policy import check_um_per_px
 
 #: Columns of a detection table.
 DETECTION_COLUMNS = ["x0", "y0", "x1", "y1", "cx", "cy", "nucleus_um2", "cell_um2", "blue"]
@@ -80,45 +79,9 @@ class StainCalibration:
         return asdict(self)
 
 
-def check_um_per_px(um_per_px, what: str = "um_per_px") -> float:
-    """Return ``um_per_px`` as a float if it is a plausible smear scale, else raise ``ValueError``."""
-    try:
-        v = float(um_per_px)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number (micrometres per pixel), got {um_per_px!r}") from None
-    lo, hi = UM_PER_PX_RANGE
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{what} must be a positive number of micrometres per pixel, got {um_per_px!r}")
-    if not lo <= v <= hi:
-        cell = 12.0 / v
-        raise ValueError(
-            f"{what} = {v:g} µm/px is outside the plausible range {lo:g}-{hi:g} µm/px for a blood smear "
-            f"(a 12 µm leukocyte would be {cell:.3g} px across); check the value or the file's resolution tags "
-            "(100x oil objectives give about 0.05-0.1 µm/px, 40x scanners about 0.25 µm/px)")
-    return v
-
-
 def work_factor(um_per_px: float, params: DetectParams = DetectParams()) -> int:
     """Integer block size that brings ``um_per_px`` closest to the working scale (at least 1)."""
     return max(1, int(round(params.work_um_per_px / float(um_per_px))))
-
-
-def downsample(img: np.ndarray, factor: int) -> np.ndarray:
-    """Block mean by an integer ``factor`` (edges: partial blocks dropped), float32 in [0, 1]."""
-    img = np.asarray(img)
-    if factor == 1:
-        return img.astype(np.float32) / 255.0
-    h, w = (img.shape[0] // factor) * factor, (img.shape[1] // factor) * factor
-    if h == 0 or w == 0:
-        return np.zeros((0, 0, 3), np.float32)
-    a = img[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).astype(np.float32)
-    return a.mean(axis=(1, 3)) / 255.0
-
-
-def _lab(rgb01: np.ndarray) -> np.ndarray:
-    from skimage.color import rgb2lab
-
-    return rgb2lab(rgb01).astype(np.float32)
 
 
 def calibrate(img: np.ndarray, um_per_px: float | None = None, params: DetectParams = DetectParams()) -> StainCalibration:
@@ -128,7 +91,7 @@ def calibrate(img: np.ndarray, um_per_px: float | None = None, params: DetectPar
     every tile, so that all tiles use the same thresholds.
     """
     f = work_factor(um_per_px, params) if um_per_px else max(1, min(img.shape[:2]) // 512)
-    lab = _lab(downsample(img, f))
+    lab = to_lab(downsample(img, f))
     if lab.size == 0:
         raise ValueError("image too small to calibrate")
     L, b = lab[..., 0].ravel(), lab[..., 2].ravel()
@@ -171,11 +134,11 @@ def detect_leukocytes(img: np.ndarray, um_per_px: float, params: DetectParams = 
     if small.shape[0] < 4 or small.shape[1] < 4:
         return _empty()
     cal = calibration or calibrate(img, um_per_px, params)
-    lab = _lab(gaussian(small, sigma=params.smooth_um / wum, channel_axis=-1, preserve_range=True))
+    lab = to_lab(gaussian(small, sigma=params.smooth_um / wum, channel_axis=-1, preserve_range=True))
     db = cal.bg_b - lab[..., 2]           # > 0: bluer than background
 
     px2 = wum * wum
-    nuc = _remove_small(db >= params.nucleus_db, params.min_nucleus_um2 / 4 / px2)
+    nuc = remove_small(db >= params.nucleus_db, params.min_nucleus_um2 / 4 / px2)
     if not nuc.any():
         return _empty()
     if params.lobe_join_um > 0:  # join the lobes of a segmented nucleus
@@ -186,7 +149,7 @@ def detect_leukocytes(img: np.ndarray, um_per_px: float, params: DetectParams = 
     cyto = gaussian(db, sigma=params.cyto_smooth_um / wum, preserve_range=True) >= cyto_t
     cyto = ndi.binary_opening(cyto, _disk(params.cyto_open_um / wum))
     cyto &= ndi.distance_transform_edt(~nuc) <= params.cyto_reach_um / wum
-    cell = _remove_small(ndi.binary_fill_holes(nuc | cyto), params.min_nucleus_um2 / px2)
+    cell = remove_small(ndi.binary_fill_holes(nuc | cyto), params.min_nucleus_um2 / px2)
 
     # split touching cells: watershed on the distance map of the cell mask from its h-maxima
     # (a cell is round: one peak; two touching cells leave a saddle between two peaks)
@@ -249,19 +212,6 @@ def _merge_close_markers(markers: np.ndarray, min_dist: float) -> np.ndarray:
     groups = fcluster(linkage(cents, method="single"), t=min_dist, criterion="distance")
     lut = np.concatenate([[0], groups]).astype(markers.dtype)
     return lut[markers]
-
-
-def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
-    """Drop connected components (8-connected) with fewer than ``min_px`` pixels."""
-    from scipy import ndimage as ndi
-
-    lab, n = ndi.label(mask, structure=np.ones((3, 3)))
-    if n == 0:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    keep = sizes >= min_px
-    keep[0] = False
-    return keep[lab]
 
 
 def _connected_to_seed(cell_lab: np.ndarray, seed_lab: np.ndarray) -> np.ndarray:

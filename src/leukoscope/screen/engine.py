@@ -38,12 +38,14 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import INTENDED_USE, taxonomy
-from leukoscope.images import ImageError
+from leukoscope.imaging.images import ImageError
+from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
+from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
-from leukoscope.screen.detect import (DetectParams, StainCalibration, box_iou, calibrate, check_um_per_px,
+from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
                                       detect_leukocytes, work_factor)
-from leukoscope.scale_estimate import estimate_field_scale
+from leukoscope.screen.review import write_review
 from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, tile_grid
 
 #: Default referral threshold on the calibrated top-class probability. With a
@@ -94,15 +96,11 @@ class ScreenResult:
 
     def write(self, out_dir: str | os.PathLike, bundle=None, review: bool = True, **review_kwargs) -> dict[str, Path]:
         """Write ``cells.csv``, ``summary.json`` and (with the bundle) ``review.html`` atomically."""
-        from leukoscope.io import atomic_write_csv, atomic_write_json
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"cells": atomic_write_csv(self.cells, out / "cells.csv"),
                  "summary": atomic_write_json(self.summary, out / "summary.json")}
         if review:
-            from leukoscope.screen.review import write_review
-
             paths["review"] = write_review(self, out / "review.html", bundle=bundle, **review_kwargs)
         return paths
 
@@ -118,7 +116,8 @@ class ScreenEngine:
     """Screen smears with a model bundle.
 
     ``bundle``: a :class:`leukoscope.models.bundle.ModelBundle` (anything with ``meta``,
-    ``classes`` and ``predict_proba(images, um_per_px=..., batch_size=..., calibrated=True)``).
+    ``classes`` and ``predict_proba_prepared(x, batch_size=..., calibrated=True)`` for model inputs
+    already through its pipeline, :func:`leukoscope.screen.crops.model_crops`).
     ``um_per_px``: the smears' scale, overriding the files' metadata (None: from the file,
     else estimated from red cells with a warning). ``refer_below``: cells whose calibrated
     top probability is below it are ``unidentified``.
@@ -160,25 +159,13 @@ class ScreenEngine:
     # ------------------------------------------------------------------ scale
 
     def resolve_scale(self, smear: Smear) -> tuple[float, str, list[str]]:
-        """µm/px for a smear: the engine's override, the file's metadata, or an estimate from red cells."""
-        notes: list[str] = []
-        if self.um_per_px is not None:
-            if smear.um_per_px and abs(smear.um_per_px - self.um_per_px) / self.um_per_px > 0.05:
-                notes.append(f"--um-per-px {self.um_per_px:g} overrides the file's {smear.um_per_px:g} µm/px")
-            return self.um_per_px, "command line (--um-per-px)", notes
-        if smear.um_per_px is not None:
-            return check_um_per_px(smear.um_per_px, f"the file's resolution metadata ({smear.um_source})"), \
-                smear.um_source, notes
-        est = estimate_field_scale(smear.sample())
-        if not est.plausible:
-            raise ValueError(f"the file gives no µm/px and it could not be estimated from red cells ({est.reason}); "
-                             "give the scale with --um-per-px")
-        um = check_um_per_px(est.um_per_px, "the µm/px estimated from red cells")
-        msg = (f"no µm/px in the file: {um:.4f} µm/px estimated from {est.n_rbc} red cells (median diameter "
-               f"{est.diameter_px:.0f} px = 7.5 µm); give --um-per-px for a measured scale")
-        notes.append(msg)
-        warnings.warn(f"{smear.path}: {msg}", ScreenWarning, stacklevel=3)
-        return um, "estimated from red cells (7.5 µm)", notes
+        """µm/px for a smear by the scale policy: the engine's override, the file's metadata, or an estimate
+        from red cells with a warning (:meth:`leukoscope.imaging.scale_policy.ScalePolicy.resolve_field`)."""
+        um, src, notes, estimated = ScalePolicy(given=self.um_per_px, estimate="group").resolve_field(
+            smear.um_per_px, smear.um_source, smear.sample)
+        if estimated:
+            warnings.warn(f"{smear.path}: {notes[-1]}", ScreenWarning, stacklevel=3)
+        return um, src, notes
 
     # ------------------------------------------------------------------ one image
 
@@ -269,9 +256,8 @@ class ScreenEngine:
         return det, model_crops(region, list(zip(det.cx - rx0, det.cy - ry0)), um, self.meta)
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
-        """Temperature-calibrated class probabilities of model inputs."""
-        probs = self.bundle.predict_proba(crops, um_per_px=self.meta.get("um_per_px"), batch_size=self.batch_size,
-                                          calibrated=True)
+        """Temperature-calibrated class probabilities of model inputs (crops through the bundle's pipeline)."""
+        probs = self.bundle.predict_proba_prepared(crops, batch_size=self.batch_size, calibrated=True)
         return np.asarray(probs, dtype=np.float64)
 
     def _finish_image(self, st: "_ImageState") -> ImageResult:
@@ -291,8 +277,6 @@ class ScreenEngine:
         return res
 
     def _empty_cells(self) -> pd.DataFrame:
-        from leukoscope.screen.detect import DETECTION_COLUMNS
-
         cols = DETECTION_COLUMNS + ["tile"] + [f"prob_{c}" for c in self.classes]
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in cols})
 

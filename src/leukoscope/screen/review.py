@@ -21,6 +21,11 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import INTENDED_USE, taxonomy
+from leukoscope.evaluate.saliency import saliency_map
+from leukoscope.io import atomic_write_text
+from leukoscope.models.inference import forward
+from leukoscope.screen.crops import crop_size_px, model_crops, model_fov_um
+from leukoscope.screen.tiles import open_smear
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: At most this many cells on the page (the most blast-like, and every referred one, first).
@@ -68,9 +73,6 @@ def select_cells(cells: pd.DataFrame, max_cells: int = MAX_CELLS) -> pd.DataFram
 
 def _model_inputs(sel: pd.DataFrame, meta: dict, um_by_image: dict) -> dict:
     """Model inputs (S x S x 3 uint8) of the selected cells, re-read from their smears."""
-    from leukoscope.screen.crops import crop_size_px, model_crops, model_fov_um
-    from leukoscope.screen.tiles import open_smear
-
     out = {}
     for image, grp in sel.groupby("image", sort=False):
         um = um_by_image.get(image)
@@ -92,10 +94,7 @@ def _model_inputs(sel: pd.DataFrame, meta: dict, um_by_image: dict) -> dict:
 
 
 def _saliency(bundle, inputs: dict, sel: pd.DataFrame, max_maps: int) -> tuple[dict, str | None]:
-    try:
-        from leukoscope.evaluate.saliency import saliency_map
-    except Exception as exc:  # the module is optional for the screen
-        return {}, f"saliency maps skipped: leukoscope.evaluate.saliency is not available ({exc})"
+    """Saliency of the selected cells' model inputs: the very tensor the one forward path classifies."""
     if bundle is None:
         return {}, "saliency maps skipped: no model given to the review page"
     keys = [k for k in sel.index if k in inputs][:max_maps]
@@ -103,9 +102,7 @@ def _saliency(bundle, inputs: dict, sel: pd.DataFrame, max_maps: int) -> tuple[d
         return {}, None
     classes = list(bundle.classes)
     try:
-        from leukoscope.models.preprocess import normalize
-
-        x = normalize(np.stack([inputs[k] for k in keys]), bundle.meta["mean"], bundle.meta["std"])
+        x = forward(bundle, np.stack([inputs[k] for k in keys]), inputs=True).inputs
         target = [classes.index(sel.loc[k, "model_pred"]) for k in keys]
         maps = saliency_map(bundle.model, x, target)
     except Exception as exc:
@@ -173,8 +170,6 @@ def write_review(result, path: str | os.PathLike, bundle=None, max_cells: int = 
                  max_saliency: int = MAX_SALIENCY) -> Path:
     """Render ``review.html`` for a :class:`~leukoscope.screen.engine.ScreenResult` (atomic)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-    from leukoscope.io import atomic_write_text
 
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
     env.filters["pct"] = pct

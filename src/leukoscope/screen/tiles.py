@@ -1,7 +1,7 @@
 """Reading smears of any size: a field read whole, a scan read tile by tile.
 
 :func:`open_smear` gives a :class:`Smear` whatever the file: a JPEG/PNG field is
-decoded into memory (through :func:`leukoscope.images.load_rgb`); a TIFF is read
+decoded into memory (through :func:`leukoscope.imaging.images.load_rgb`); a TIFF is read
 through tifffile's zarr store (``tifffile.imread(path, aszarr=True)`` + ``zarr.open``),
 so only the tiles being analysed are ever decoded and memory stays bounded by the
 tile size, not the scan size. Its physical scale comes from the file's resolution
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leukoscope.images import MAX_FIELD_PIXELS, ImageError, load_rgb, to_rgb
+from leukoscope.imaging.images import MAX_FIELD_PIXELS, ImageError, load_rgb, to_rgb
 
 #: Files larger than this (pixels) are never decoded whole, even when they could be.
 WHOLE_READ_PIXELS = 64_000_000
@@ -171,7 +171,7 @@ def open_smear(path: str | os.PathLike, max_whole_pixels: int | None = None) -> 
     """Open a smear image for region reads; raises :class:`ImageError` naming the file and the problem.
 
     TIFFs are opened through zarr (tile-wise decoding, bounded memory); other formats
-    are decoded whole (up to :data:`leukoscope.images.MAX_FIELD_PIXELS`).
+    are decoded whole (up to :data:`leukoscope.imaging.images.MAX_FIELD_PIXELS`).
     """
     path = Path(path)
     if max_whole_pixels is None:

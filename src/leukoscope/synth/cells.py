@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from leukoscope import taxonomy
-from leukoscope.scale import LMU_UM_PER_PX
+from leukoscope.imaging.scale import LMU_UM_PER_PX
 from leukoscope.synth import _draw as D
 from leukoscope.synth.field import Look, render_field, sample_look
 

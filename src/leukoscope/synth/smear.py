@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from leukoscope import taxonomy
-from leukoscope.scale import LMU_UM_PER_PX
+from leukoscope.imaging.scale import LMU_UM_PER_PX
 from leukoscope.synth.cells import draw_leukocyte
 from leukoscope.synth.field import render_field, sample_look
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from leukoscope.models.bundle import bf16_check
+from leukoscope.models.precision import bf16_check
 
 #: Largest probability change bf16 may make on the validation images for the bundle to infer in bf16.
 MAX_INFERENCE_PROB_DIFF = 0.02
@@ -22,7 +22,7 @@ def inference_bf16(z32, z16) -> tuple[bool, dict]:
     """``(use bf16 for inference, metadata to record)`` from fp32 and bf16 logits of the validation images.
 
     bf16 is used only where, with near-ties re-run in fp32, it gives fp32's calls
-    (:func:`leukoscope.models.bundle.bf16_check`) and moves no probability by
+    (:func:`leukoscope.models.precision.bf16_check`) and moves no probability by
     :data:`MAX_INFERENCE_PROB_DIFF` or more.
     """
     check = bf16_check(z32, z16)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from leukoscope.images import ImageError, load_rgb
-from leukoscope.models.preprocess import prepare_image
+from leukoscope.imaging.images import ImageError, load_rgb
+from leukoscope.models.pipeline import prepare_image
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _default_workers() -> int:
 def build_cache(table: pd.DataFrame, input_size: int, model_um_per_px: float | None = None,
                 workers: int | None = None, progress: bool = False, white_balance: bool = False) -> ImageCache:
     """Decode and prepare every ``table.path`` (using ``table.um_per_px`` when present;
-    ``white_balance`` as in :func:`leukoscope.models.preprocess.prepare_image`).
+    ``white_balance`` as in :func:`leukoscope.models.pipeline.prepare_image`).
 
     Images that fail to decode are left out and listed in ``errors`` (path, reason).
     """

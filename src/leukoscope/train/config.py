@@ -96,7 +96,7 @@ class AugmentConfig:
     brightness: float = field(default=0.0, metadata=_opt("brightness jitter, factor in [1-B, 1+B]", metavar="B"))
     contrast: float = field(default=0.0, metadata=_opt("contrast jitter, factor in [1-C, 1+C]", metavar="C"))
     stain_jitter: float = field(default=0.0, metadata=_opt(
-        "HED stain jitter (leukoscope.stain): sigma of each stain's scale and shift; the option without a "
+        "HED stain jitter (leukoscope.train.augment.hed_jitter): sigma of each stain's scale and shift; the option without a "
         "value: 0.05", metavar="SIGMA", const=0.05))
     saturation: float = field(default=0.0, metadata=_opt(
         "saturation jitter after the stain jitter: each image blended with its grey version, factor in "
@@ -109,7 +109,7 @@ class AugmentConfig:
 
     @property
     def colour(self) -> dict:
-        """Keyword arguments of :func:`leukoscope.stain.colour_augment`."""
+        """Keyword arguments of :func:`leukoscope.train.augment.colour_augment`."""
         return {"stain": self.stain_jitter, "saturation": self.saturation, "gamma": self.gamma, "blur": self.blur}
 
 

@@ -25,12 +25,16 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from leukoscope import taxonomy
 from leukoscope.data import splits
 from leukoscope.data.splits import aligned_split, make_split, read_split, write_split
 from leukoscope.evaluate.metrics import classification_metrics
+from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.io import atomic_write_csv, atomic_write_json
+from leukoscope.models.bundle import load_bundle
+from leukoscope.train.cache import build_cache
 from leukoscope.train.config import TrainConfig
 from leukoscope.train.loop import resolve_training_scale, table_fingerprint
 from leukoscope.train.trainer import train
@@ -48,18 +52,6 @@ class CVResult:
     summary: dict
 
 
-def prediction_frame(paths, probs: np.ndarray, classes, labels=None, folds=None) -> pd.DataFrame:
-    """``path[,label][,fold],pred,prob_<CLASS>...`` with classes in taxonomy order."""
-    probs = np.asarray(probs, dtype=np.float64)
-    df = pd.DataFrame({"path": [str(p) for p in paths]})
-    if labels is not None:
-        df["label"] = list(labels)
-    if folds is not None:
-        df["fold"] = np.asarray(folds, dtype=int)
-    df["pred"] = np.array(classes, dtype=object)[probs.argmax(1)] if len(df) else []
-    for j, c in enumerate(classes):
-        df[f"prob_{c}"] = probs[:, j] if len(df) else []
-    return df
 
 
 def drop_small_classes(table: pd.DataFrame, folds: int, min_images: int | None = None,
@@ -90,8 +82,6 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
     exists, else a stratified (patient-wise when patients are known) split is made with
     :func:`leukoscope.data.splits.make_split` and ``seed`` (default: the config's seed).
     """
-    from leukoscope.models.bundle import load_bundle
-    from leukoscope.train.cache import build_cache
 
     cfg = (config or TrainConfig()).resolved()
     seed = cfg.seed if seed is None else seed
@@ -159,11 +149,11 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
                     training_scale=training_scale)
         test = fold_test[fold_test["path"].isin(set(cache.paths))]
         bundle = load_bundle(res.bundle_path)
-        import torch
-
-        probs = bundle.predict_proba(cache.images[torch.as_tensor(cache.rows(test["path"]))],
-                                     batch_size=max(64, cfg.batch_size))
-        df = prediction_frame(test["path"], probs, bundle.classes, labels=test["label"], folds=test["fold"])
+        # the cache holds the images through the bundle's pipeline (training's own preparation)
+        probs = bundle.predict_proba_prepared(cache.images[torch.as_tensor(cache.rows(test["path"]))],
+                                              batch_size=max(64, cfg.batch_size))
+        df = predictions_table(test["path"].tolist(), probs, bundle.classes, label=test["label"].to_numpy(),
+                               fold=test["fold"].to_numpy(dtype=int))
         atomic_write_csv(df, pred_file)
         acc = (df["pred"] == df["label"]).mean() if len(df) else float("nan")
         log(f"fold {k}: {len(df)} test images, accuracy {acc:.4f} ({time.time() - t0:.0f}s)")

@@ -50,13 +50,14 @@ from tqdm.auto import tqdm
 
 from leukoscope.data.splits import stratified_val_split
 from leukoscope.evaluate.calibration import fit_temperature
-from leukoscope.evaluate.external import REFERENCE_KEY
 from leukoscope.evaluate.metrics import classification_metrics
 from leukoscope.io import atomic_write_csv, atomic_write_json
-from leukoscope.models.bundle import (autocast_context, forward_logits, load_bundle, make_meta, read_meta,
-                                      save_bundle)
+from leukoscope.models.bundle import load_bundle, make_meta, read_meta, save_bundle
+from leukoscope.models.inference import forward_logits
 from leukoscope.models.heads import body_batchnorms, classifier_layer, grow_head, split_parameters
-from leukoscope.models.preprocess import normalize
+from leukoscope.models.ood import REFERENCE_KEY, fit_training_reference
+from leukoscope.models.pipeline import normalize
+from leukoscope.models.precision import autocast_context
 from leukoscope.models.registry import create_model, get_config
 from leukoscope.train import bf16 as precision
 from leukoscope.train.augment import augment_batch
@@ -65,7 +66,7 @@ from leukoscope.train.cache import build_cache
 from leukoscope.train.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from leukoscope.train.config import TrainConfig, config_diff
 from leukoscope.train.distributed import barrier, broadcast_buffers, init_distributed, pick_device
-from leukoscope.train.loop import _fit_ood_reference, classes_of, resolve_training_scale, table_fingerprint
+from leukoscope.train.loop import classes_of, resolve_training_scale, table_fingerprint
 from leukoscope.train.threads import tuner_for
 
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_acc", "lr", "images_per_s", "seconds"]
@@ -427,7 +428,7 @@ class Trainer:
         if self.dist.is_main:
             save_bundle(model, meta, self.bundle_path)  # on disk first: a failing reference never costs the model
             if cfg.ood_reference:
-                ref = _fit_ood_reference(model, meta, self.bundle_path, self.table.iloc[self.va_idx], self.device,
+                ref = fit_training_reference(model, meta, self.bundle_path, self.table.iloc[self.va_idx], self.device,
                                          self.log, cfg.seed)
                 if ref is not None:
                     meta[REFERENCE_KEY] = ref

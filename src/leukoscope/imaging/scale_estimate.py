@@ -33,7 +33,7 @@ An estimate resting on fewer than :data:`MIN_RBC` red cells, or outside
 :data:`PLAUSIBLE_UM_PER_PX`, is flagged ``plausible=False`` with the reason; callers
 fall back to a stated scale or to no rescaling and say so.
 
->>> from leukoscope.images import load_rgb
+>>> from leukoscope.imaging.images import load_rgb
 >>> est = estimate_scale(load_rgb("NGS/NGS_0957.tiff"))        # doctest: +SKIP
 >>> round(est.um_per_px, 3), est.n_rbc                         # doctest: +SKIP
 (0.071, 4)
@@ -48,6 +48,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from leukoscope.imaging.images import ImageError, load_rgb
+from leukoscope.imaging.morphology import downsample, remove_small, to_lab
 
 #: Diameter of a normal red blood cell in a stained smear (µm); the ruler.
 RBC_DIAMETER_UM = 7.5
@@ -235,8 +238,6 @@ def estimate_field_scale(img: np.ndarray, *, rbc_diameter_um: float = RBC_DIAMET
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
 
-    from leukoscope.screen.detect import _lab, _remove_small, downsample
-
     def failed(n: int, reason: str) -> ScaleEstimate:
         return ScaleEstimate(float("nan"), float("nan"), n, False, reason)
 
@@ -245,7 +246,7 @@ def estimate_field_scale(img: np.ndarray, *, rbc_diameter_um: float = RBC_DIAMET
     small = downsample(img, f)
     if small.shape[0] < 16 or small.shape[1] < 16:
         return failed(0, "image too small to measure red cells")
-    lab = _lab(small)
+    lab = to_lab(small)
     L, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
     bright = L >= np.percentile(L, 80)
     bg_L, bg_a, bg_b = (float(np.median(ch[bright])) for ch in (L, a, b))
@@ -253,7 +254,7 @@ def estimate_field_scale(img: np.ndarray, *, rbc_diameter_um: float = RBC_DIAMET
     rbc = ((bg_L - L > 4) | (a - bg_a > 4)) & (bg_b - b < 12)
     rbc = ndi.binary_opening(rbc, iterations=1)
     rbc = ndi.binary_fill_holes(rbc)
-    rbc = _remove_small(rbc, 20)
+    rbc = remove_small(rbc, 20)
     frac = rbc.mean()
     if frac < 0.02 or frac > 0.97:
         return failed(0, f"no measurable red cells (red-cell area {frac:.0%} of the field)")
@@ -274,8 +275,6 @@ def estimate_dataset_scale(images: Sequence, *, max_images: int = 40, seed: int 
     image are pooled and their median diameter gives the scale, which is far steadier
     than one crop's two or three cells. Unreadable images are skipped.
     """
-    from leukoscope.images import ImageError, load_rgb
-
     items = list(images)
     if len(items) > max_images:
         pick = np.random.default_rng(seed).choice(len(items), max_images, replace=False)
@@ -353,7 +352,6 @@ def resolve_um_per_px(table, *, user_um_per_px: float | None = None, estimate: s
         if estimate == "image":
             for i in rows:
                 try:
-                    from leukoscope.images import load_rgb
 
                     e = estimate_scale(load_rgb(paths[i]))
                 except Exception:  # unreadable here: the group value stays
