@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 _RUN: dict[str, Path] = {}
@@ -86,3 +87,19 @@ def start_server(args: list[str], port: int, log: Path) -> subprocess.Popen:
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"review server did not answer within 60 s: {log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The session's screen run (see :func:`screen_run`)."""
+    return screen_run(tmp_path_factory)
+
+
+@pytest.fixture
+def store(run, tmp_path):
+    """A fresh review of a copy of the screen run."""
+    from leukoscope.review import ReviewStore
+
+    s = ReviewStore.open_or_create(copy_run(run, tmp_path))
+    yield s
+    s.close()

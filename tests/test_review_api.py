@@ -14,21 +14,9 @@ from PIL import Image
 from leukoscope.cli.main import main
 from leukoscope.review import ReviewStore
 from leukoscope.review.app import TOKEN_COOKIE, create_app
-from review_helpers import copy_run, screen_run
+from review_helpers import copy_run, run, store  # noqa: F401 (fixtures)
 
 BASE = "http://127.0.0.1:8765"
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return screen_run(tmp_path_factory)
-
-
-@pytest.fixture
-def store(run, tmp_path):
-    s = ReviewStore.open_or_create(copy_run(run, tmp_path))
-    yield s
-    s.close()
 
 
 @pytest.fixture

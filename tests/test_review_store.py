@@ -21,19 +21,7 @@ from leukoscope.review import (ConflictError, ReadOnlyError, ReviewDatabaseError
 from leukoscope.review.labels import KEYS, LABELS
 from leukoscope.review.schema import MIGRATIONS, SCHEMA_VERSION
 from leukoscope.screen.count import count_summary
-from review_helpers import copy_run, screen_run
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return screen_run(tmp_path_factory)
-
-
-@pytest.fixture
-def store(run, tmp_path):
-    s = ReviewStore.open_or_create(copy_run(run, tmp_path))
-    yield s
-    s.close()
+from review_helpers import copy_run, run, store  # noqa: F401 (fixtures)
 
 
 def _png(data: bytes) -> np.ndarray:
