@@ -117,6 +117,10 @@
 
   // ---------------------------------------------------------------- decisions
   async function reclassify(label) {
+    document.body.dataset.busy = "1";   // until the answer is shown (tests wait on it)
+    try { await saveLabel(label); } finally { document.body.dataset.busy = "0"; }
+  }
+  async function saveLabel(label) {
     if (current < 0) return focusTile(0);
     const t = tiles[current];
     const who = reviewer();
