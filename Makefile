@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PRELOAD) $(VENV)/bin/leukoscope demo --out $(DEMO_OUT)
+	@echo "Review the demo smear in your browser (http://127.0.0.1:8765/): $(VENV)/bin/leukoscope review $(DEMO_OUT)/screen"
 
 test: $(STAMP)
 	$(PRELOAD) $(PY) -m pytest -q $(PYTEST_ARGS)
