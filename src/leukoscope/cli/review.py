@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import threading
 
 NAME = "review"
 HELP = "review station: correct the calls of a screen/predict run in the browser, sign off, export"
@@ -91,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give the run to review (PATH) or a review database (--db FILE)")
     token = None if loopback else make_token()
-    app = create_app(store, token=token, views=ModelViews(store, args.model), reviewer=args.reviewer,
-                     loopback=loopback)
+    views = ModelViews(store, args.model)
+    threading.Thread(target=views.warm, name="load-model", daemon=True).start()
+    app = create_app(store, token=token, views=views, reviewer=args.reviewer, loopback=loopback)
     prog = store.progress()
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/"
     print(f"review database {store.path}: {prog['cells']} cells, {prog['seen']} seen, "

@@ -55,6 +55,14 @@ class ModelViews:
                     raise ModelUnavailable(str(exc)) from None
             return self._bundle
 
+    def warm(self) -> None:
+        """Load the bundle now (e.g. in a background thread at start-up) so that the first view is quick;
+        a missing model is reported when a view is asked for."""
+        try:
+            self.bundle()
+        except ModelUnavailable:
+            pass
+
     def _input(self, cell_id: int) -> tuple[np.ndarray, str]:
         """The prepared (S, S, 3) uint8 model input of a cell and a note on where it was cut from."""
         if cell_id in self._cache:
