@@ -63,6 +63,28 @@ def test_import_cuts_native_resolution_crops_from_the_original_smear(run, store)
     assert store.run["kind"] == "screen" and store.run["model_name"] == "plain_cnn"
 
 
+def test_scans_are_read_region_by_region_with_the_same_crops(run, store, tmp_path, monkeypatch):
+    from leukoscope.review import importer
+    from leukoscope.screen import tiles
+
+    opened = []
+    real_open = tiles.open_smear
+
+    def tiled_open(path):
+        smear = real_open(path, max_whole_pixels=100_000)  # this 1400 x 900 field read as a scan would be
+        opened.append(smear.tiled)
+        return smear
+
+    monkeypatch.setattr(importer, "open_smear", tiled_open)
+    monkeypatch.setattr(importer, "STRIP_PIXELS", 200_000)
+    with ReviewStore.open_or_create(copy_run(run, tmp_path / "scan")) as scan:
+        assert opened == [True]
+        for a, b in zip(store.cells(), scan.cells()):
+            assert a["id"] == b["id"] and np.array_equal(_png(store.crop_png(a["id"])), _png(scan.crop_png(b["id"])))
+        f1, f2 = store.field(a["image"]), scan.field(a["image"])
+        assert np.array_equal(_png(f1["overview"]), _png(f2["overview"]))
+
+
 def test_database_is_versioned_wal_and_synchronous_full(store):
     con = store._con
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == len(MIGRATIONS) >= 1

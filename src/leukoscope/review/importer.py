@@ -39,6 +39,8 @@ from leukoscope.review.schema import ReviewDatabaseError, connect
 CROP_MARGIN = 0.25
 #: Longest side of a field's overview image (px).
 OVERVIEW_PX = 1200
+#: Pixels read at a time when a field is downsampled for its overview (a strip of full-width rows).
+STRIP_PIXELS = 16_000_000
 DB_NAME = "review.sqlite"
 
 
@@ -133,7 +135,7 @@ def _overview(smear) -> tuple[bytes, float]:
     """A downsampled PNG of a whole field (read in strips for scans) and the field px per overview px."""
     h, w = smear.shape
     step = max(1, int(math.ceil(max(h, w) / OVERVIEW_PX)))
-    strip = max(step, (2048 // step) * step)
+    strip = max(step, (STRIP_PIXELS // max(1, w)) // step * step)  # bounded memory for scans of any width
     rows = [smear.read(y, 0, min(h, y + strip), w)[::step, ::step] for y in range(0, h, strip)]
     return png_bytes(np.concatenate(rows, axis=0)), float(step)
 
