@@ -85,6 +85,24 @@ def test_scans_are_read_region_by_region_with_the_same_crops(run, store, tmp_pat
         assert np.array_equal(_png(f1["overview"]), _png(f2["overview"]))
 
 
+def test_model_input_view_is_what_the_screen_classified(run, store):
+    import torch
+
+    from leukoscope.models.bundle import load_bundle
+    from leukoscope.review.model_views import ModelViews
+
+    cells = pd.read_csv(run["screen"] / "cells.csv")
+    bundle = load_bundle(run["model"])
+    classes = list(bundle.classes)
+    views = ModelViews(store)
+    for c in store.cells():
+        x, note = views._input(c["id"])
+        assert note == "cut from the original smear" and x.shape == (32, 32, 3)
+        row = cells[(cells.x0 == c["x0"]) & (cells.y0 == c["y0"])].iloc[0]
+        p = bundle.predict_proba(torch.from_numpy(x[None]))[0]
+        assert np.allclose(p, row[[f"prob_{k}" for k in classes]].to_numpy(float), atol=1e-5)
+
+
 def test_database_is_versioned_wal_and_synchronous_full(store):
     con = store._con
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == len(MIGRATIONS) >= 1

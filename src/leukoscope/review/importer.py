@@ -182,7 +182,8 @@ def _screen_rows(folder: Path):
                 rx1, ry1 = min(smear.width, ox + side), min(smear.height, oy + side)
                 region = smear.read(ry0, rx0, ry1, rx1)
                 crop = cell_crop(region, cx - rx0, cy - ry0, side)
-                rows.append((str(image), int(r.x0), int(r.y0), int(r.x1), int(r.y1), ox, oy, um, str(r.model_pred),
+                ccx, ccy = (float(r.cx), float(r.cy)) if "cx" in cells else (cx, cy)
+                rows.append((str(image), int(r.x0), int(r.y0), int(r.x1), int(r.y1), ccx, ccy, ox, oy, um, str(r.model_pred),
                              str(r.pred), float(r.confidence), top3[i], float(r.p_blast), int(bool(r.referred)),
                              png_bytes(crop)))
     run = {"kind": "screen", "classes": classes, "model": summary.get("model") or {},
@@ -211,7 +212,7 @@ def _predict_rows(csv: Path, um_per_px: float | None, refer_below: float):
         h, w = img.shape[:2]
         model_pred = classes[int(probs[i].argmax())]
         referred = bool(conf[i] < refer_below)
-        rows.append((name, 0, 0, w, h, 0, 0, um_per_px, model_pred, UNIDENTIFIED if referred else model_pred,
+        rows.append((name, 0, 0, w, h, w / 2, h / 2, 0, 0, um_per_px, model_pred, UNIDENTIFIED if referred else model_pred,
                      float(conf[i]), top3[i], float(p_blast[i]), int(referred), png_bytes(img)))
     if missing:
         raise ReviewInputError(f"{csv}: {len(missing)} image(s) of the table cannot be read, e.g. {missing[0]}; "
@@ -263,8 +264,9 @@ def build_database(source: str | os.PathLike, db_path: str | os.PathLike, *, mod
                      (str(model_file) if model_file else None), sha, json.dumps(run["classes"]),
                      json.dumps(run["scale"]), run["refer_below"], __version__, now()))
         con.executemany("INSERT INTO fields VALUES (?,?,?,?,?,?)", fields)
-        con.executemany("INSERT INTO cells (image, x0, y0, x1, y1, crop_x0, crop_y0, um_per_px, model_pred, model_call, "
-                        "confidence, top3, p_blast, referred, crop) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        con.executemany("INSERT INTO cells (image, x0, y0, x1, y1, cx, cy, crop_x0, crop_y0, um_per_px, model_pred, "
+                        "model_call, confidence, top3, p_blast, referred, crop) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         con.execute("INSERT INTO rounds (round, created) VALUES (1, ?)", (now(),))
         con.execute("INSERT INTO decisions (cell_id, round, label) SELECT id, 1, model_call FROM cells")
         con.execute("COMMIT")

@@ -6,8 +6,9 @@ The bundle is loaded once, on the first request, from the file the run names; wi
 it the views say why they are missing (the rest of the review works without a model).
 
 The model input of a cell is cut from its ORIGINAL smear at the model's field of view,
-centred on the cell, and resampled to the model's size and scale by ``bundle.prepare``:
-the same input the screen classified. When the smear image is no longer where the run
+centred on the cell, by the screen's own :func:`leukoscope.screen.crops.model_crops`, then
+prepared by ``bundle.prepare`` as ``predict_proba`` prepares it: the same input the screen
+classified (a predict run's cell: its image file, prepared as ``predict_paths`` does). When the smear image is no longer where the run
 found it, the cell's stored crop is used instead (reflected at its edges where it is
 smaller than the field of view), and :meth:`ModelViews.model_input` says so.
 """
@@ -16,14 +17,19 @@ from __future__ import annotations
 
 import io
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from leukoscope.review.importer import png_bytes
-from leukoscope.screen.crops import cell_crop, crop_size_px, model_fov_um
+from leukoscope.screen.crops import crop_size_px, model_crops, model_fov_um
 from leukoscope.screen.tiles import open_smear
+
+
+#: Model inputs kept in memory (the most recently shown cells).
+CACHE_CELLS = 256
 
 
 class ModelUnavailable(RuntimeError):
@@ -38,7 +44,7 @@ class ModelViews:
         self.model_path = model_path or store.run.get("model_file")
         self._bundle = None
         self._lock = threading.Lock()
-        self._cache: dict[int, tuple[np.ndarray, str]] = {}
+        self._cache: OrderedDict[int, tuple[np.ndarray, str]] = OrderedDict()
 
     def bundle(self):
         from leukoscope.models.bundle import load_bundle  # torch: loaded only when a view is asked for
@@ -66,23 +72,27 @@ class ModelViews:
     def _input(self, cell_id: int) -> tuple[np.ndarray, str]:
         """The prepared (S, S, 3) uint8 model input of a cell and a note on where it was cut from."""
         if cell_id in self._cache:
+            self._cache.move_to_end(cell_id)
             return self._cache[cell_id]
         bundle = self.bundle()
         c = self.store.cell(cell_id)
         um = c["um_per_px"]
         crop = np.asarray(Image.open(io.BytesIO(self.store.crop_png(cell_id))).convert("RGB"))
-        note = "cut from the stored crop"
         if self.store.run["kind"] == "screen" and um:
-            cx, cy = (c["x0"] + c["x1"]) / 2, (c["y0"] + c["y1"]) / 2
             side = crop_size_px(model_fov_um(bundle.meta), um)
-            region, origin = self._smear_region(c["image"], cx, cy, side)
-            if region is not None:
-                crop, note = cell_crop(region, cx - origin[0], cy - origin[1], side), "cut from the original smear"
-            else:
-                crop = cell_crop(crop, cx - c["crop_x0"], cy - c["crop_y0"], side)
+            region, origin = self._smear_region(c["image"], c["cx"], c["cy"], side)
+            note = "cut from the original smear"
+            if region is None:
+                region, origin = crop, (c["crop_x0"], c["crop_y0"])
                 note = "smear image not found: cut from the stored crop (reflected beyond it)"
-        x = bundle.prepare([crop], um)[0]
+            # the screen's own steps: its crop at the model's field of view, then what predict_proba prepares
+            x = model_crops(region, [(c["cx"] - origin[0], c["cy"] - origin[1])], um, bundle.meta)
+            x = bundle.prepare(x, bundle.um_per_px)[0]
+        else:  # a predict run: the image file, prepared as predict_paths prepares it
+            x, note = bundle.prepare([crop], um)[0], "the image file"
         self._cache[cell_id] = (x, note)
+        if len(self._cache) > CACHE_CELLS:
+            self._cache.popitem(last=False)
         return x, note
 
     def _smear_region(self, image: str, cx: float, cy: float, side: int):

@@ -49,6 +49,7 @@ CREATE TABLE cells (
     id INTEGER PRIMARY KEY,
     image TEXT NOT NULL,
     x0 INTEGER NOT NULL, y0 INTEGER NOT NULL, x1 INTEGER NOT NULL, y1 INTEGER NOT NULL,
+    cx REAL NOT NULL, cy REAL NOT NULL,                   -- the cell's centre (the model crop's centre)
     crop_x0 INTEGER NOT NULL, crop_y0 INTEGER NOT NULL,   -- the crop's origin in the field
     um_per_px REAL,
     model_pred TEXT NOT NULL,        -- the model's top class

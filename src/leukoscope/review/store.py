@@ -46,7 +46,7 @@ class SignOffError(RuntimeError):
     """Sign-off refused: cells not yet seen or still unidentified, or details missing."""
 
 
-_CELL_COLUMNS = ("id", "image", "x0", "y0", "x1", "y1", "crop_x0", "crop_y0", "um_per_px", "model_pred",
+_CELL_COLUMNS = ("id", "image", "x0", "y0", "x1", "y1", "cx", "cy", "crop_x0", "crop_y0", "um_per_px", "model_pred",
                  "model_call", "confidence", "top3", "p_blast", "referred")
 
 
