@@ -184,3 +184,33 @@ def test_cli_help_lists_the_keys(capsys):
         main(["review", "--help"])
     text = capsys.readouterr().out
     assert "export-labels" in text and "7 MYO" in text and "a artefact" in text
+
+
+def test_cli_serving_beyond_loopback_prints_a_token_once_and_requires_it(run, tmp_path, capsys, monkeypatch):
+    from leukoscope.review import app as app_mod
+    from review_helpers import free_port
+
+    seen = []
+
+    def fake_serve(app, host, port):  # what the server would answer, asked before the command closes the store
+        c = TestClient(app, base_url=f"http://{'10.0.0.5' if host == '0.0.0.0' else host}:{port}")
+        seen.append((host, port, c.get("/api/cells").status_code,
+                     c.get("/api/cells", headers={"X-Review-Token": token_of(capsys)}).status_code))
+
+    def token_of(capsys):
+        printed = capsys.readouterr()
+        seen.append(printed)
+        return printed.out.split("?token=")[1].split()[0] if "?token=" in printed.out else "none"
+
+    monkeypatch.setattr(app_mod, "serve", fake_serve)
+    out = copy_run(run, tmp_path)
+    port = free_port()
+    assert main(["review", str(out), "--host", "0.0.0.0", "--allow-remote", "--port", str(port)]) == 0
+    printed, answers = seen
+    token = printed.out.split("?token=")[1].split()[0]
+    assert len(token) >= 24 and printed.out.count(token) == 1 and "shown only once" in printed.err
+    assert answers == ("0.0.0.0", port, 403, 200)
+    seen.clear()
+    assert main(["review", str(out), "--port", str(port)]) == 0
+    printed, answers = seen
+    assert "token" not in printed.out and answers == ("127.0.0.1", port, 200, 200)  # on 127.0.0.1 no token is made
