@@ -59,14 +59,20 @@ def server(tmp_path):
                 p.kill()
 
 
-def _wait(cond, timeout=20.0, what="condition"):
-    end = time.time() + timeout
+def _wait(cond, timeout=30.0, what="condition"):
+    """Poll ``cond`` until true; a page that reloads meanwhile (stale elements) is polled again."""
+    from selenium.common.exceptions import WebDriverException
+
+    end, last = time.time() + timeout, None
     while time.time() < end:
-        v = cond()
+        try:
+            v = cond()
+        except WebDriverException as exc:
+            v, last = None, exc
         if v:
             return v
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last.msg})" if last else ""))
 
 
 def _keys(driver, keys):
