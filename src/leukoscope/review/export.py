@@ -3,7 +3,7 @@
 :func:`export_differential` writes ``differential.csv`` (one row per class, the
 non-leukocyte outcomes and the blasts), ``differential.json`` and a printable one-page
 ``report.html`` of a signed round; :func:`export_labels` writes the reviewed cells as
-a labelled single-cell dataset (``cells/<id>.png`` + ``labels.csv`` with
+a labelled single-cell dataset (``cells/<LABEL>/cell_<id>.png`` + ``labels.csv`` with
 ``path,label,patient,source,um_per_px``) that :func:`leukoscope.data.read_dataset`
 reads, so a lab's corrections become its own training and validation data. Every
 file is written atomically.
