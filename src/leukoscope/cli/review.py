@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give the run to review (PATH) or a review database (--db FILE)")
     token = None if loopback else make_token()
     views = ModelViews(store, args.model)
-    threading.Thread(target=views.warm, name="load-model", daemon=True).start()
+    # the first page needs scipy (the intervals) and the first detail view the model: load both now
+    threading.Thread(target=lambda: (store.differential(), views.warm()), name="warm-up", daemon=True).start()
     app = create_app(store, token=token, views=views, reviewer=args.reviewer, loopback=loopback)
     prog = store.progress()
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/"
