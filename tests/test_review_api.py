@@ -214,3 +214,15 @@ def test_cli_serving_beyond_loopback_prints_a_token_once_and_requires_it(run, tm
     assert main(["review", str(out), "--port", str(port)]) == 0
     printed, answers = seen
     assert "token" not in printed.out and answers == ("127.0.0.1", port, 200, 200)  # on 127.0.0.1 no token is made
+
+
+def test_model_views_without_the_model_file_say_why(store, tmp_path):
+    from leukoscope.review.model_views import ModelViews
+
+    app = create_app(store, views=ModelViews(store, model_path=str(tmp_path / "moved.safetensors")))
+    c = TestClient(app, base_url=BASE)
+    cell = store.cells()[0]
+    for view in ("input.png", "saliency.png"):
+        r = c.get(f"/api/cells/{cell['id']}/{view}")
+        assert r.status_code == 404 and "moved.safetensors: model file not found" in r.json()["error"]
+    assert c.get(f"/api/cells/{cell['id']}/crop.png").status_code == 200  # the review itself needs no model
