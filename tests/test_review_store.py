@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import sqlite3
 
 import numpy as np
@@ -327,3 +328,21 @@ def test_a_predict_table_is_reviewed_with_each_file_as_its_crop(run, tmp_path):
 
 def run_classes(res) -> list[str]:
     return [c[len("prob_"):] for c in res.table.columns if c.startswith("prob_")]
+
+
+def test_model_input_falls_back_to_the_stored_crop_when_the_smear_moved(run, tmp_path):
+    from leukoscope.review.model_views import ModelViews
+
+    smear = tmp_path / "field.tif"
+    shutil.copy(run["smear"], smear)
+    out = copy_run(run, tmp_path)
+    for name in ("cells.csv", "summary.json"):  # the run screened the copy
+        (out / name).write_text((out / name).read_text().replace(str(run["smear"]), str(smear)))
+    with ReviewStore.open_or_create(out) as store:
+        cid = store.cells()[0]["id"]
+        x, note = ModelViews(store)._input(cid)
+        assert note == "cut from the original smear"
+        smear.unlink()
+        y, note = ModelViews(store)._input(cid)
+        assert note.startswith("smear image not found") and y.shape == x.shape
+        assert np.abs(y.astype(int) - x.astype(int)).mean() < 40  # the same cell, edges reflected

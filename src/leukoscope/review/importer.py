@@ -173,7 +173,7 @@ def _screen_rows(folder: Path):
         with smear:
             overview, factor = _overview(smear)
             um = scales.get(image)
-            fields.append((str(image), smear.width, smear.height, um, factor, overview))
+            fields.append((str(image), str(path.resolve()), smear.width, smear.height, um, factor, overview))
             for i in idx:
                 r = cells.loc[i]
                 cx, cy, side = _square_around(r.x0, r.y0, r.x1, r.y1)
@@ -263,7 +263,7 @@ def build_database(source: str | os.PathLike, db_path: str | os.PathLike, *, mod
                      str(model_file.resolve()) if model_file is not None and model_file.exists() else
                      (str(model_file) if model_file else None), sha, json.dumps(run["classes"]),
                      json.dumps(run["scale"]), run["refer_below"], __version__, now()))
-        con.executemany("INSERT INTO fields VALUES (?,?,?,?,?,?)", fields)
+        con.executemany("INSERT INTO fields VALUES (?,?,?,?,?,?,?)", fields)
         con.executemany("INSERT INTO cells (image, x0, y0, x1, y1, cx, cy, crop_x0, crop_y0, um_per_px, model_pred, "
                         "model_call, confidence, top3, p_blast, referred, crop) "
                         "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)

@@ -96,9 +96,8 @@ class ModelViews:
         return x, note
 
     def _smear_region(self, image: str, cx: float, cy: float, side: int):
-        path = Path(image)
-        if not path.is_absolute():
-            path = Path(self.store.run["source"]) / path if not path.exists() else path
+        field = self.store.field(image)
+        path = Path(field["path"]) if field is not None else Path(image)
         if not path.exists():
             return None, None
         try:

@@ -39,6 +39,7 @@ CREATE TABLE run (
 );
 CREATE TABLE fields (
     image TEXT PRIMARY KEY,          -- the smear image as the run names it
+    path TEXT NOT NULL,              -- where it was found at import (absolute)
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
     um_per_px REAL,

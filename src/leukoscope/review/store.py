@@ -189,7 +189,7 @@ class ReviewStore:
         return bytes(row[0])
 
     def field(self, image: str) -> dict | None:
-        """A smear field: ``{image, width, height, um_per_px, overview_factor, overview}`` (PNG), or None."""
+        """A smear field: ``{image, path, width, height, um_per_px, overview_factor, overview}`` (PNG), or None."""
         rows = self._query("SELECT * FROM fields WHERE image = ?", (image,))
         return rows[0] if rows else None
 
