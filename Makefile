@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PRELOAD) $(VENV)/bin/leukoscope demo --out $(DEMO_OUT)
+	@echo "Review the demo smear in your browser (http://127.0.0.1:8765/): $(VENV)/bin/leukoscope review $(DEMO_OUT)/screen"
 
 # Two steps, both always run; any non-zero pytest exit fails (5, "no tests collected", included).
 test: $(STAMP)

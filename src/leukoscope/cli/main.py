@@ -12,7 +12,7 @@ from leukoscope import INTENDED_USE, __version__
 #: Command modules in ``leukoscope.cli``, in the order ``--help`` lists them.
 COMMANDS = (
     "data", "split", "agreement", "synth", "train", "cv", "predict",
-    "evaluate", "report", "screen", "export", "demo",
+    "evaluate", "report", "screen", "review", "export", "demo",
 )
 #: Commands that run networks: worth re-executing under tcmalloc when it is installed.
 HEAVY = {"train", "cv", "predict", "evaluate", "report", "screen", "export", "demo"}
