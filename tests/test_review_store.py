@@ -22,6 +22,7 @@ from leukoscope.review import (ConflictError, ReadOnlyError, ReviewDatabaseError
 from leukoscope.review.labels import KEYS, LABELS
 from leukoscope.review.schema import MIGRATIONS, SCHEMA_VERSION
 from leukoscope.screen.count import count_summary
+from leukoscope.review.importer import MIN_CROP_UM
 from review_helpers import copy_run, run, store  # noqa: F401 (fixtures)
 
 
@@ -56,6 +57,8 @@ def test_import_cuts_native_resolution_crops_from_the_original_smear(run, store)
         y1, x1 = min(smear.shape[0], oy + crop.shape[0]), min(smear.shape[1], ox + crop.shape[1])
         assert np.array_equal(crop[y0 - oy:y1 - oy, x0 - ox:x1 - ox], smear[y0:y1, x0:x1])
         assert c["um_per_px"] == pytest.approx(0.1)
+        # at least an LMU cell image's field of view, so that exported crops carry the context the model saw
+        assert crop.shape[0] * c["um_per_px"] >= MIN_CROP_UM
     field = store.field(store.cells()[0]["image"])
     over = _png(field["overview"])
     assert (field["width"], field["height"]) == (1400, 900)

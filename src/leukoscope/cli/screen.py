@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"overall: {ov['cells_found']} cells, {ov['identified']} identified, {ov['unidentified']} unidentified; "
           f"blasts {pct}" + (f"; flags: {'; '.join(ov['flag_text'])}" if ov["flag_text"] else ""))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if ov["images_ok"]:
+        print(f"review, correct and sign off the calls in the browser: leukoscope review {args.out}")
     if ov["images_ok"] == 0:
         print("error: no image could be screened", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """Bring a ``screen`` output or a ``predict`` table into a new review database.
 
 A ``screen`` output folder holds ``cells.csv`` and ``summary.json``; each cell's crop
-(its box plus a margin, squared) is cut from the ORIGINAL smear image at its native
+(its box plus a margin, squared, at least :data:`MIN_CROP_UM` wide) is cut from the ORIGINAL smear image at its native
 resolution (large TIFF scans are read region by region through
 :func:`leukoscope.screen.tiles.open_smear`), and each field gets a downsampled
 overview for the "place on its smear field" view. A ``predict`` table
@@ -37,6 +37,10 @@ from leukoscope.review.schema import ReviewDatabaseError, connect
 
 #: Margin around a cell's box in its crop, as a fraction of the box's longer side (each side).
 CROP_MARGIN = 0.25
+#: Smallest side of a crop in µm where the field's scale is known: at least the field of view of an
+#: LMU single-cell image (400 px x 0.0725 µm/px = 29 µm), so that exported crops (export-labels) give
+#: a model the same context as the screen's model inputs instead of padding.
+MIN_CROP_UM = 30.0
 #: Longest side of a field's overview image (px).
 OVERVIEW_PX = 1200
 #: Pixels read at a time when a field is downsampled for its overview (a strip of full-width rows).
@@ -125,9 +129,11 @@ def _top3(probs: np.ndarray, classes: list[str]) -> list[str]:
     return out
 
 
-def _square_around(x0, y0, x1, y1) -> tuple[float, float, int]:
+def _square_around(x0, y0, x1, y1, um_per_px: float | None = None) -> tuple[float, float, int]:
     side = max(x1 - x0, y1 - y0)
     side = int(math.ceil(side * (1 + 2 * CROP_MARGIN))) + 8
+    if um_per_px and um_per_px > 0:
+        side = max(side, int(math.ceil(MIN_CROP_UM / um_per_px)))
     return (x0 + x1) / 2, (y0 + y1) / 2, side
 
 
@@ -176,7 +182,7 @@ def _screen_rows(folder: Path):
             fields.append((str(image), str(path.resolve()), smear.width, smear.height, um, factor, overview))
             for i in idx:
                 r = cells.loc[i]
-                cx, cy, side = _square_around(r.x0, r.y0, r.x1, r.y1)
+                cx, cy, side = _square_around(r.x0, r.y0, r.x1, r.y1, um)
                 ox, oy = int(round(cx - side / 2)), int(round(cy - side / 2))
                 rx0, ry0 = max(0, ox), max(0, oy)
                 rx1, ry1 = min(smear.width, ox + side), min(smear.height, oy + side)
