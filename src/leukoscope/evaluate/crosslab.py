@@ -177,7 +177,7 @@ def cached_features(path: str | os.PathLike, table: pd.DataFrame, compute) -> tu
     """Features of ``table``'s cells from the ``.npz`` at ``path`` when it holds exactly these
     paths, else ``compute() -> (X, info)`` written there (atomically) first."""
     path = Path(path)
-    paths = table["path"].astype(str).to_numpy()
+    paths = np.asarray(table["path"].astype(str).to_numpy(), dtype=str)
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             if z["paths"].shape == paths.shape and (z["paths"] == paths).all():
