@@ -74,6 +74,9 @@ def run(args) -> dict:
             cfg = get_config(name, input_size=args.input_size)
             for views in args.views:
                 tag = f"{name}_{args.input_size}_{scale}_{views}" + (f"_max{args.max_per_class}" if args.max_per_class else "")
+                cache = out / f"features_{tag}.npz"
+                if args.lab_weight != 1:
+                    tag += f"_labweight{args.lab_weight:g}"
 
                 def compute(name=name, cfg=cfg, views=views):
                     if scale not in images_cache:
@@ -86,7 +89,7 @@ def run(args) -> dict:
                     imgs, info = images_cache[scale]
                     return cl.extract_features(name, imgs, dihedral=views == "dihedral"), info
 
-                X, info = cl.cached_features(out / f"features_{tag}.npz", table, compute)
+                X, info = cl.cached_features(cache, table, compute)
                 timings[f"features_{tag}"] = info["seconds"]
                 print(f"{tag}: features {X.shape} in {info['seconds']:.0f} s"
                       f"{' (cached)' if info.get('cached') else ''}", flush=True)
@@ -94,7 +97,7 @@ def run(args) -> dict:
                 lolo = cl.leave_one_lab_out(X, table, C=args.C)
                 t_lolo = time.perf_counter() - t
                 t = time.perf_counter()
-                curve = cl.adaptation_curve(X, table, ks=ks, draws=args.draws, C=args.C)
+                curve = cl.adaptation_curve(X, table, ks=ks, draws=args.draws, C=args.C, lab_weight=args.lab_weight)
                 t_curve = time.perf_counter() - t
                 t = time.perf_counter()
                 indom = (cl.in_domain(X, table, lab=args.in_domain_lab, C=args.C)
@@ -111,8 +114,8 @@ def run(args) -> dict:
                       f"K=10 acc {sel[next(k for k in sel if k.startswith('k'))]:.3f}); in-domain "
                       f"{indom['balanced_accuracy'] if indom else float('nan'):.3f}; "
                       f"probes {t_lolo + t_curve + t_in:.0f} s", flush=True)
-                atomic_write_json(result, out / "results.json")
-    atomic_write_text(markdown(result), out / "results.md")
+                atomic_write_json(result, out / f"results{args.suffix}.json")
+    atomic_write_text(markdown(result), out / f"results{args.suffix}.md")
     return result
 
 
@@ -155,9 +158,12 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--max-k", type=int, default=20)
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression")
+    p.add_argument("--lab-weight", type=float, default=1.0,
+                   help="weight of each of the left-out lab's K labelled cells in the adaptation fit")
     p.add_argument("--in-domain-lab", default="pbc")
     p.add_argument("--max-per-class", type=int, default=0, help="at most this many cells per lab and class")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--suffix", default="", help="results{SUFFIX}.json/.md: keeps several runs' results apart")
     p.add_argument("--out", default=str(ROOT / "runs" / "crosslab"))
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 6 cells per lab and class, one backbone at 64 px, K <= 3, one draw")
@@ -167,7 +173,7 @@ def main(argv=None):
         args.max_k, args.draws, args.scale, args.views = 3, 1, ["resize"], ["single"]
         args.out = str(Path(args.out).with_name(Path(args.out).name + "_quick"))
     res = run(args)
-    print(f"results: {Path(args.out) / 'results.md'}")
+    print(f"results: {Path(args.out) / f'results{args.suffix}.md'}")
     return res
 
 

@@ -35,6 +35,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
 from leukoscope.data.readers import read_dataset
 from leukoscope.images import load_rgb
@@ -194,10 +195,16 @@ def cached_features(path: str | os.PathLike, table: pd.DataFrame, compute) -> tu
 # --------------------------------------------------------------------------- linear probes
 
 
-def fit_probe(X: np.ndarray, y: Sequence[str], *, C: float = 1.0, sample_weight=None, max_iter: int = 300):
-    """Standardised features -> logistic regression with balanced class weights."""
+def fit_probe(X: np.ndarray, y: Sequence[str], *, C: float = 1.0, sample_weight=None, max_iter: int = 300,
+              threads: int = 1):
+    """Standardised features -> logistic regression with balanced class weights.
+
+    ``threads``: BLAS threads while fitting; one is ~10x faster than the default on a
+    busy 2-core machine (measured 0.6 s against 7.4 s for 2,000 cells x 1,280 features).
+    """
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=max_iter))
-    clf.fit(X, np.asarray(y), logisticregression__sample_weight=sample_weight)
+    with threadpool_limits(threads):
+        clf.fit(X, np.asarray(y), logisticregression__sample_weight=sample_weight)
     return clf
 
 
