@@ -105,7 +105,7 @@ def run(args) -> dict:
                 t_in = time.perf_counter() - t
                 sel = cl.selection_score(lolo, curve, k=min(10, max(ks)))
                 v = {"tag": tag, "backbone": name, "input_size": args.input_size, "scale": scale, "views": views,
-                     "feature_dim": int(X.shape[1]), "selection": sel, "lolo": lolo.to_dict(orient="records"),
+                     "feature_dim": int(X.shape[1]), "features_file": str(cache), "selection": sel, "lolo": lolo.to_dict(orient="records"),
                      "curve": cl.summarize_curve(curve).to_dict(orient="records"),
                      "curve_draws": curve.to_dict(orient="records"), "in_domain": indom,
                      "seconds": {"features": info["seconds"], "lolo": t_lolo, "curve": t_curve, "in_domain": t_in}}
@@ -115,6 +115,14 @@ def run(args) -> dict:
                       f"{indom['balanced_accuracy'] if indom else float('nan'):.3f}; "
                       f"probes {t_lolo + t_curve + t_in:.0f} s", flush=True)
                 atomic_write_json(result, out / f"results{args.suffix}.json")
+    if result["variants"]:  # the per-class errors of the variant the rule selects, zero-shot on each lab
+        best = max(result["variants"], key=lambda v: v["selection"]["score"])
+        with np.load(best["features_file"], allow_pickle=False) as z:
+            X = z["X"]
+        result["best"] = best["tag"]
+        result["best_per_class_errors"] = pd.concat(
+            [cl.per_class_errors(X, table, lab, C=args.C) for lab in lab_names]).to_dict(orient="records")
+        atomic_write_json(result, out / f"results{args.suffix}.json")
     atomic_write_text(markdown(result), out / f"results{args.suffix}.md")
     return result
 
@@ -144,6 +152,12 @@ def markdown(result: dict) -> str:
                          + " |")
         lines.append("")
         lines.append("Wall time (s): " + ", ".join(f"{k} {s:.0f}" for k, s in v["seconds"].items()))
+    if result.get("best_per_class_errors"):
+        lines += ["", f"### Per-class errors of the selected variant ({result['best']}), zero-shot on each lab", "",
+                  "| lab | class | n | recall | most frequent wrong answer (share) |", "|---|---|---|---|---|"]
+        for r in result["best_per_class_errors"]:
+            wrong = f"{r['top_error']} ({r['top_error_share']:.2f})" if r["top_error"] else "–"
+            lines.append(f"| {r['lab']} | {r['class']} | {r['n']} | {_fmt(r['recall'])} | {wrong} |")
     return "\n".join(lines) + "\n"
 
 

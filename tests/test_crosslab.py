@@ -120,5 +120,11 @@ def test_protocols_on_separable_features():
     assert set(summary.columns) >= {"lab", "k", "accuracy", "accuracy_sd"}
     sel = cl.selection_score(lolo, curve, k=3)
     assert sel["score"] == pytest.approx((sel["lolo_balanced_accuracy"] + sel["k3_accuracy"]) / 2)
+    errs = cl.per_class_errors(X, t, "c").set_index("class")
+    assert list(errs.n) == [12, 12, 12] and (errs.recall > 0.9).all()
+    X_bad = X.copy()
+    X_bad[(t.source == "c").to_numpy() & (t.label == "A").to_numpy()] = X[(t.label == "B").to_numpy()][:12]
+    errs = cl.per_class_errors(X_bad, t, "c").set_index("class")
+    assert errs.loc["A", "top_error"] == "B" and errs.loc["A", "recall"] < 0.2
     indom = cl.in_domain(X, t, lab="a")
     assert indom["n"] == 24 and indom["balanced_accuracy"] > 0.9

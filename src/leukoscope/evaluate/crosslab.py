@@ -232,6 +232,25 @@ def leave_one_lab_out(X: np.ndarray, table: pd.DataFrame, labs: Sequence[str] | 
     return pd.DataFrame(rows)
 
 
+def per_class_errors(X: np.ndarray, table: pd.DataFrame, lab: str, **fit) -> pd.DataFrame:
+    """Zero-shot on ``lab`` (fit on the other labs): per true class the number of cells, the
+    recall and the most frequent wrong answer with its share; classes the fit does not know
+    are listed with recall NaN."""
+    src, y = table["source"].to_numpy(), table["label"].to_numpy()
+    clf = fit_probe(X[src != lab], y[src != lab], **fit)
+    pred = clf.predict(X[src == lab])
+    truth = y[src == lab]
+    rows = []
+    for c in sorted(pd.unique(truth)):
+        p = pred[truth == c]
+        wrong = pd.Series(p[p != c]).value_counts()
+        rows.append({"lab": lab, "class": c, "n": int(len(p)),
+                     "recall": float((p == c).mean()) if c in clf.classes_ else float("nan"),
+                     "top_error": wrong.index[0] if len(wrong) else "", "top_error_share":
+                     float(wrong.iloc[0] / len(p)) if len(wrong) else 0.0})
+    return pd.DataFrame(rows)
+
+
 def draw_kshot(labels: Sequence[str], k: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``min(k, n_c - 1)`` random cells of each class ``c`` (at least one cell of each
     class is always left for scoring; a class with one cell gives none)."""
