@@ -129,3 +129,28 @@ def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
     assert "fold 0" in res["images"] and res["n_images"] == 8 and len(held_out) == 12
     assert res["bf16_check"]["bf16_guard"] > 0 and "/" in res["ways"]["ours"]["rechecked"]
     assert res["ways"]["ours_fp32"]["agree_naive"] == 1.0
+
+
+@pytest.mark.slow
+def test_crosslab_quick_on_user_labs(tmp_path):
+    """benchmarks/crosslab.py on labs given as --lab name=PATH: every protocol's table and the selection score."""
+    from PIL import Image
+
+    from leukoscope.synth import make_cell
+
+    for lab, seed in (("a", 0), ("b", 500)):
+        for c in ("LYT", "NGS"):
+            (tmp_path / lab / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(make_cell(c, seed=seed + i + (50 if c == "NGS" else 0), size=48)).save(
+                    tmp_path / lab / c / f"{i}.png")
+    out = tmp_path / "out"
+    _run([BENCH / "crosslab.py", "--quick", "--lab", f"a={tmp_path / 'a'}", "--lab", f"b={tmp_path / 'b'}",
+          "--in-domain-lab", "a", "--out", out], tmp_path)
+    res = json.loads((out.parent / "out_quick" / "results.json").read_text())
+    assert res["cells"] == {"a": 8, "b": 8} and res["qualifying_labs"] == []
+    (v,) = res["variants"]
+    assert [r["lab"] for r in v["lolo"]] == ["a", "b"] and {r["k"] for r in v["curve"]} == {0, 1, 3}
+    assert 0 <= v["selection"]["score"] <= 1 and v["in_domain"]["n"] == 2
+    md = (out.parent / "out_quick" / "results.md").read_text()
+    assert "Leave-one-lab-out" in md and "Per-class errors of the selected variant" in md
