@@ -92,7 +92,8 @@ class OptimConfig:
     balance_by: str = field(default="class", metadata=_opt(
         "what an epoch balances: 'class' draws --per-class images of every class; 'source_class' draws "
         "about --per-class images of every class spread evenly over the sources (labs) that have it "
-        "(needs a 'source' column)", choices=BALANCE_MODES))
+        "(needs a 'source' column). Default of 'leukoscope train'/'cv' when the data hold more than one source: "
+        "source_class", choices=BALANCE_MODES))
 
 
 @dataclass(frozen=True)
