@@ -271,7 +271,8 @@ class Trainer:
         else:  # head first: the log's lr column is the head's (= --lr's schedule)
             groups = [{"params": head}, {"params": body, "lr": cfg.lr * cfg.body_lr_scale}]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(math.ceil(cfg.per_class * len(self.classes) / dist.world_size) / cfg.batch_size)
+        n_drawn = len(np.unique(self.y_tr))  # classes an epoch draws (an adapted model may keep classes without images)
+        steps_per_epoch = math.ceil(math.ceil(cfg.per_class * n_drawn / dist.world_size) / cfg.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps_per_epoch))
         self.scaler = None
         if not self.on_cpu and not torch.cuda.is_bf16_supported():
