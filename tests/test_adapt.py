@@ -119,8 +119,17 @@ def test_adapt_without_replay_warns_and_keeps_the_parent_classes(labs, parent, t
         res = adapt(parent, b, tmp_path / "run", k_per_class=5, epochs=1, overrides=FAST, log=quiet)
     assert res.meta["classes"] == ["EOS", "LYT", "MYO", "NGS"]
     assert res.lineage["replay"] is None and res.lineage["k_per_class"] == {"NGS": 5, "MYO": 5}
+    assert res.lineage["validation"]["sources"] == ["synth_lab_B"]
     with pytest.raises(ValueError, match="already holds a model"):
         adapt(parent, b, tmp_path / "run", log=quiet)
+
+
+def test_adapt_on_two_cells_per_class_keeps_the_parent_temperature(labs, parent, tmp_path):
+    b = read_dataset(labs[1]).table
+    res = adapt(parent, b, tmp_path / "k2", replay_table=read_dataset(labs[0]).table, k_per_class=2, epochs=1,
+                overrides=FAST, log=quiet)
+    assert res.lineage["validation"]["n"] == 0
+    assert res.meta["temperature"] == read_meta(parent)["temperature"] == load_bundle(res.bundle_path).temperature
 
 
 def test_adapt_refuses_lab_cells_that_are_in_the_replay(labs, parent, tmp_path):

@@ -129,7 +129,8 @@ def adapt(model_path: str | os.PathLike, lab_table: pd.DataFrame, out: str | os.
     ``unlabelled=True`` only ``path`` is needed. ``replay_table``: the parent's training data
     (a sample of ``replay_per_class`` per class is replayed); without it a warning says that
     forgetting the first lab is not guarded against. ``k_per_class``: at most K lab cells per
-    class. ``epochs``, ``per_class``, ``lr`` and ``overrides`` (any other
+    class (with fewer than 3 lab cells in every class no validation cells are held out and the
+parent's temperature is kept). ``epochs``, ``per_class``, ``lr`` and ``overrides`` (any other
     :class:`~leukoscope.train.config.TrainConfig` setting, e.g. ``threads``) change
     :data:`ADAPT_DEFAULTS`; everything else (model, input, augmentation, scale mode, white
     balance) is the parent's. See the module docstring for what is fitted on what.
@@ -183,6 +184,9 @@ def adapt(model_path: str | os.PathLike, lab_table: pd.DataFrame, out: str | os.
     val_table = trainer.table.iloc[trainer.va_idx]
     lab_done = trainer.table[trainer.table["source"].isin(lab_sources)]
     meta = dict(res.meta)
+    if len(val_table) == 0:  # too few lab cells per class (< 3) to hold any out: keep the parent's calibration
+        meta["temperature"] = float(parent_meta.get("temperature") or 1.0)
+        log("warning: no lab cells to validate on (fewer than 3 per class); the parent's temperature is kept")
     if base.ood_reference:
         ref = _fit_ood_reference(trainer.model, meta, res.bundle_path, lab_done, trainer.device, log, seed)
         meta.pop(REFERENCE_KEY, None)
