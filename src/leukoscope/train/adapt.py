@@ -130,7 +130,7 @@ def adapt(model_path: str | os.PathLike, lab_table: pd.DataFrame, out: str | os.
     (a sample of ``replay_per_class`` per class is replayed); without it a warning says that
     forgetting the first lab is not guarded against. ``k_per_class``: at most K lab cells per
     class (with fewer than 3 lab cells in every class no validation cells are held out and the
-parent's temperature is kept). ``epochs``, ``per_class``, ``lr`` and ``overrides`` (any other
+    parent's temperature is kept). ``epochs``, ``per_class``, ``lr`` and ``overrides`` (any other
     :class:`~leukoscope.train.config.TrainConfig` setting, e.g. ``threads``) change
     :data:`ADAPT_DEFAULTS`; everything else (model, input, augmentation, scale mode, white
     balance) is the parent's. See the module docstring for what is fitted on what.
@@ -141,7 +141,7 @@ parent's temperature is kept). ``epochs``, ``per_class``, ``lr`` and ``overrides
     if (out / "model.safetensors").exists():
         raise ValueError(f"{out} already holds a model; choose a new --out or delete {out / 'model.safetensors'}")
     if unlabelled:
-        return _adapt_unlabelled(parent_file, parent_meta, lab_table, out, seed=seed, progress=progress, log=log)
+        return _adapt_unlabelled(parent_file, parent_meta, lab_table, out, log=log)
     if "label" not in lab_table:
         raise ValueError("labelled adaptation needs a 'label' column in the lab's table (or unlabelled=True)")
     lab = take_k_per_class(_with_source(lab_table, LAB_SOURCE), k_per_class, seed)
@@ -187,11 +187,12 @@ parent's temperature is kept). ``epochs``, ``per_class``, ``lr`` and ``overrides
     if len(val_table) == 0:  # too few lab cells per class (< 3) to hold any out: keep the parent's calibration
         meta["temperature"] = float(parent_meta.get("temperature") or 1.0)
         log("warning: no lab cells to validate on (fewer than 3 per class); the parent's temperature is kept")
-    if base.ood_reference:
+    if base.ood_reference:  # fitted here on all the lab's cells, not by the trainer on its few validation cells
         ref = _fit_ood_reference(trainer.model, meta, res.bundle_path, lab_done, trainer.device, log, seed)
         meta.pop(REFERENCE_KEY, None)
         if ref is not None:
             meta[REFERENCE_KEY] = ref
+        meta["config"] = {**meta["config"], "ood_reference": True}
     meta["lineage"] = _lineage(
         parent_meta, parent_file, "labelled", lab, k_per_class=k_used, k_requested=k_per_class,
         new_classes=new_classes,
@@ -208,8 +209,8 @@ parent's temperature is kept). ``epochs``, ``per_class``, ``lr`` and ``overrides
     return AdaptResult(out, res.bundle_path, meta, lab, replay, list(val_table["path"].astype(str)), res.log)
 
 
-def _adapt_unlabelled(parent_file: Path, parent_meta: dict, lab_table: pd.DataFrame, out: Path, *, seed: int,
-                      progress: bool, log: Callable[[str], None]) -> AdaptResult:
+def _adapt_unlabelled(parent_file: Path, parent_meta: dict, lab_table: pd.DataFrame, out: Path, *,
+                      log: Callable[[str], None]) -> AdaptResult:
     if "path" not in lab_table or len(lab_table) == 0:
         raise ValueError("unlabelled adaptation needs the lab's images (a table with a 'path' column, not empty)")
     lab = _with_source(lab_table[[c for c in ("path", "source", "um_per_px") if c in lab_table]], LAB_SOURCE)
