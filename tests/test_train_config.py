@@ -35,7 +35,8 @@ def test_old_flat_config_loads_into_the_groups_and_writes_back_the_same():
     assert cfg.finetune.init_from is None and cfg.optim.balance_by == "class"  # new settings: today's behaviour
     d = cfg.to_dict()
     assert {k: d[k] for k in OLD_FLAT} == OLD_FLAT
-    assert set(d) - set(OLD_FLAT) == {"balance_by", "init_from", "head_warmup_epochs", "body_lr_scale", "freeze_bn"}
+    assert set(d) - set(OLD_FLAT) == {"balance_by", "init_from", "head_warmup_epochs", "body_lr_scale", "freeze_bn",
+                                      "pretrained"}
     # an old checkpoint's config resumes: the new settings at their defaults are no difference
     assert config_diff(OLD_FLAT, d) == []
     assert config_diff(OLD_FLAT, {**d, "body_lr_scale": 0.1}) == ["body_lr_scale: 1.0 -> 0.1"]

@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"model input size in px (default {d['input_size']})")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default 0)")
     p.add_argument("--no-screen", action="store_true", help="skip the smear-screening step")
+    p.add_argument("--no-adapt", action="store_true", help="skip adapting the model to a second synthetic lab")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     res = run_demo(args.out, per_class=args.per_class, folds=args.folds, epochs=args.epochs,
                    train_per_class=args.train_per_class, input_size=args.input_size, seed=args.seed,
-                   screen=not args.no_screen, progress=not args.quiet)
+                   screen=not args.no_screen, adapt_lab=not args.no_adapt, progress=not args.quiet)
     bar = "=" * 78
     print(bar)
     print(f"LeukoScope demo finished in {res['seconds']['total']:.0f} s.")
@@ -48,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
         pct = "n/a" if ov.get("blast_pct") is None else f"{ov['blast_pct']:.1f}%"
         print(f"  smear screen: {ov['cells_found']} cells found ({ov['unidentified']} referred for review), "
               f"blasts {pct}; review page {res['screen']}")
+    if "lab_b" in res:
+        lb = res["lab_b"]
+        print(f"  second lab:  lab B zero-shot {lb['zero_shot_accuracy']:.2f} -> after adapting on {lb['k']} "
+              f"cells/class {lb['adapted_accuracy']:.2f}; model {lb['model']}")
     print()
     print("  " + SYNTHETIC_WARNING)
     print("  To run the same on the real AML-Cytomorphology_LMU dataset (TCIA, doi:10.7937/tcia.2019.36f5o9ld):")

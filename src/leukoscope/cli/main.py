@@ -11,11 +11,11 @@ from leukoscope import INTENDED_USE, __version__
 
 #: Command modules in ``leukoscope.cli``, in the order ``--help`` lists them.
 COMMANDS = (
-    "data", "split", "agreement", "synth", "train", "cv", "predict",
+    "data", "split", "agreement", "synth", "train", "cv", "adapt", "predict",
     "evaluate", "report", "screen", "review", "export", "demo",
 )
 #: Commands that run networks: worth re-executing under tcmalloc when it is installed.
-HEAVY = {"train", "cv", "predict", "evaluate", "report", "screen", "export", "demo"}
+HEAVY = {"train", "cv", "adapt", "predict", "evaluate", "report", "screen", "export", "demo"}
 
 TCMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",

@@ -1,12 +1,14 @@
-"""``leukoscope train DATA [--preset paper|fast|robust] [--model NAME] --out RUN``."""
+"""``leukoscope train DATA [DATA ...] [--preset paper|fast|robust] [--model NAME] --out RUN``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from leukoscope.cli._common import add_config_options, add_label_map, config_overrides
-from leukoscope.data import fold_tables, read_dataset
+from leukoscope.data import fold_tables
+from leukoscope.data.readers import read_datasets
 from leukoscope.models.registry import get_config, list_models
 from leukoscope.train import train
 from leukoscope.train.presets import DEFAULT_PRESET, PRESETS, list_presets, preset
@@ -23,6 +25,12 @@ DESCRIPTION = (
     "fast = the CPU preset of docs/fast_preset.md (minutes; knows one lab only); robust (the default) = fast's "
     "model with the cross-lab measures of docs/robustness.md (--scale estimate --white-balance --stain-jitter 0.1 "
     "--saturation 0.25 --gamma 0.25 --blur 1) and --epochs 18. Each setting's help ends with the presets' values.\n"
+    "Several labs: give several DATA paths; each dataset's rows keep their own source (else the folder name) "
+    "and, whenever the data hold more than one source, --balance-by source_class is the default (every epoch "
+    "draws each class evenly over the labs that have it; --balance-by class switches it off). The same image "
+    "in two datasets is an error.\n"
+    "Pretrained backbones: --pretrained (efficientnet_lite0/1/2, mobilenet_v2; or --preset pretrained) starts from "
+    "ImageNet weights installed with the package and fine-tunes gently (see --pretrained).\n"
     "Fine-tuning: --init-from BUNDLE starts from a trained model (new classes get new classifier rows), "
     "with --head-warmup-epochs, --body-lr-scale and --freeze-bn.\n"
     "The bundle records the training images' µm/px and, fitted on the validation images, the "
@@ -33,7 +41,8 @@ DESCRIPTION = (
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``cv``: the preset and one option per training setting."""
-    p.add_argument("data", nargs="?", help="dataset: LMU folder, folder per class, CSV manifest, or folder with labels.csv")
+    p.add_argument("data", nargs="*", help="dataset(s): LMU folder, folder per class, CSV manifest, or folder with "
+                                           "labels.csv; several paths train on all of them (multi-lab)")
     g = p.add_argument_group("preset")
     g.add_argument("--preset", choices=list_presets(),
                    help=f"training preset (default: {DEFAULT_PRESET}; with --model, the preset's settings for that "
@@ -70,7 +79,15 @@ def config_and_data(args: argparse.Namespace):
     if not args.data or not args.out:
         raise ValueError("give the dataset DATA and --out RUN (or --list-models)")
     cfg = config_from_args(args)
-    ds = read_dataset(args.data, label_map=args.label_map)
+    ds = read_datasets(args.data, label_maps=args.label_map)
+    sources = sorted(set(ds.table["source"].astype(str))) if "source" in ds.table else []
+    if args.balance_by is None and len(sources) > 1:
+        earlier = Path(args.out) / "config.json"  # a run begun before keeps its balancing (resume)
+        before = json.loads(earlier.read_text()).get("balance_by", "class") if earlier.exists() else None
+        cfg.balance_by = before or "source_class"
+        if cfg.balance_by == "source_class":
+            print(f"{len(sources)} sources ({', '.join(sources[:6])}{', ...' if len(sources) > 6 else ''}): "
+                  "epochs balanced over (source, class) (--balance-by class to switch off)")
     for s in ds.skipped[:5]:
         print(f"skipped {s['path']}: {s['reason']}")
     if len(ds.skipped) > 5:

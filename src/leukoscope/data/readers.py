@@ -447,23 +447,27 @@ def read_dataset(path: str | os.PathLike, label_map: str | os.PathLike | Mapping
 
 
 def read_datasets(paths: Sequence[str | os.PathLike],
-                  label_maps: Sequence[str | os.PathLike | Mapping[str, str] | None] | None = None) -> CellDataset:
+                  label_maps=None) -> CellDataset:
     """Read several datasets (several labs, say) into one :class:`CellDataset`.
 
-    Each path is read by :func:`read_dataset`, with ``label_maps[i]`` when given (one entry per path,
-    ``None`` for none). Each row keeps its dataset's ``source`` where it has one, else gets the
-    dataset's folder name. The same image in two datasets is refused (a ``ValueError`` naming it
-    and both datasets); a source name shared by two datasets is noted. ``layout`` is ``multi``,
-    ``root`` the folders' common parent, ``extra['datasets']`` each dataset's summary.
+    Each path is read by :func:`read_dataset`; ``label_maps`` is one label map for all datasets,
+    or a list with one entry per path (``None`` for none). Each row keeps its dataset's
+    ``source`` where it has one, else gets the dataset's folder name; where two datasets would
+    give the same source name (two LMU-layout folders are both ``lmu``), that name is prefixed
+    with each dataset's folder name (``labA:lmu``), so that labs stay apart for balanced
+    sampling (``balance_by="source_class"``) and the scale estimate. A ``dataset`` column names
+    the path each row came from. The same image in two datasets is refused (a ``ValueError``
+    naming it and both datasets). ``layout`` is ``multi``, ``root`` the folders' common parent,
+    ``extra['datasets']`` each dataset's summary.
     """
     paths = list(paths)
     if not paths:
         raise ValueError("read_datasets: no dataset given")
-    maps = [None] * len(paths) if label_maps is None else list(label_maps)
+    maps = list(label_maps) if isinstance(label_maps, (list, tuple)) else [label_maps] * len(paths)
     if len(maps) != len(paths):
         raise ValueError(f"read_datasets: {len(maps)} label maps for {len(paths)} datasets (give one per dataset, "
                          "None for none)")
-    parts, roots, summaries, skipped, notes, seen, sources = [], [], [], [], [], {}, {}
+    parts, roots, summaries, skipped, notes, seen, owners = [], [], [], [], [], {}, {}
     for path, label_map in zip(paths, maps):
         ds = read_dataset(path, label_map)
         roots.append(str(ds.root))
@@ -471,18 +475,24 @@ def read_datasets(paths: Sequence[str | os.PathLike],
         table = ds.table.copy()
         empty = table["source"].isna() | (table["source"].astype(str).str.strip() == "")
         table.loc[empty, "source"] = ds.root.name
+        table["dataset"] = str(path)
         for p in table["path"]:
             if p in seen:
                 raise ValueError(f"{p}: the same image is in two datasets, {seen[p]} and {path}")
             seen[p] = path
         for src in table["source"].unique():
-            sources.setdefault(src, []).append(str(path))
-        parts.append(table)
+            owners.setdefault(src, []).append(len(parts))
+        parts.append((ds.root.name, table))
         skipped += ds.skipped
         notes += [f"{ds.root}: {n}" for n in ds.notes]
-    notes += [f"source {src!r} comes from {len(ps)} datasets: {', '.join(ps)}" for src, ps in sources.items()
-              if len(ps) > 1]
-    table = _tidy(pd.concat(parts, ignore_index=True))
+    for src, owner in owners.items():
+        if len(owner) > 1:
+            for i in owner:
+                name, table = parts[i]
+                table.loc[table["source"] == src, "source"] = f"{name}:{src}"
+            notes.append(f"source {src!r} comes from {len(owner)} datasets: named "
+                         + ", ".join(f"{parts[i][0]}:{src}" for i in owner))
+    table = _tidy(pd.concat([t for _, t in parts], ignore_index=True))
     return CellDataset(table, "multi", Path(os.path.commonpath(roots)), skipped, notes, {"datasets": summaries})
 
 

@@ -15,7 +15,7 @@ seed always gives the same pixels.
 **Synthetic images say that code works, not how well a model sees real cells.**
 """
 
-from leukoscope.synth.cells import SPECS, make_cell, simulate_examiners, write_cells
+from leukoscope.synth.cells import LABS, SPECS, Lab, make_cell, simulate_examiners, write_cells
 from leukoscope.synth.smear import make_smear, write_smear
 
-__all__ = ["SPECS", "make_cell", "make_smear", "simulate_examiners", "write_cells", "write_smear"]
+__all__ = ["LABS", "Lab", "SPECS", "make_cell", "make_smear", "simulate_examiners", "write_cells", "write_smear"]

@@ -12,6 +12,11 @@ the classes are learnable but not trivially separable.
 leukocyte near the centre on a field of red cells and platelets); ``write_cells``
 writes a whole dataset in the LMU layout with a simulated ``annotations.dat``.
 
+A second synthetic *lab* (:data:`LABS`, ``lab="B"``) stains and images the same cells
+otherwise: another stain (every optical density scaled per colour channel) and another
+magnification (the crop spans fewer µm, so cells cover more pixels). A model trained on
+lab A drops clearly on lab B zero-shot; the demo and the adaptation tests use it.
+
 >>> img = make_cell("NGS", seed=1, size=64)
 >>> img.shape, img.dtype
 ((64, 64, 3), dtype('uint8'))
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -126,6 +131,38 @@ SPECS: dict[str, dict] = {
     # smudge cell: ruptured nucleus smeared into a ragged blob or a lacy "basket"
     "KSC": _spec(diam=(8.0, 24.0), nucleus="smudge"),
 }
+
+
+@dataclass(frozen=True)
+class Lab:
+    """How a synthetic lab stains and images its cells.
+
+    ``stain``: per-channel (R, G, B) factor on every optical density (cells, red cells and
+    platelets alike), on top of each image's own stain variation; ``field_um``: µm that a
+    crop spans (29 µm for lab A, the LMU field of view).
+    """
+
+    name: str
+    stain: tuple[float, float, float]
+    field_um: float
+    description: str = ""
+
+
+#: The synthetic labs. ``A`` is the default look (pixels unchanged by the lab option).
+LABS: dict[str, Lab] = {
+    "A": Lab("A", (1.0, 1.0, 1.0), CROP_UM, "May-Grünwald-Giemsa-like, 29 µm field (the default)"),
+    "B": Lab("B", (0.55, 1.25, 2.6), 20.0, "a bluer, darker stain and a 20 µm field (1.45x magnification)"),
+}
+
+
+def get_lab(lab: str | Lab) -> Lab:
+    """The :class:`Lab` named ``lab`` (or ``lab`` itself)."""
+    if isinstance(lab, Lab):
+        return lab
+    try:
+        return LABS[str(lab)]
+    except KeyError:
+        raise ValueError(f"unknown synthetic lab {lab!r}; known: {', '.join(LABS)}") from None
 
 
 def _u(rng, lohi):
@@ -324,11 +361,14 @@ def _rngs(seed: int, cls: str):
     return [np.random.default_rng(s) for s in ss.spawn(4)]
 
 
-def make_cell(cls: str, seed: int, size: int = 400, um_per_px: float | None = None) -> np.ndarray:
+def make_cell(cls: str, seed: int, size: int = 400, um_per_px: float | None = None,
+              lab: str | Lab = "A") -> np.ndarray:
     """A synthetic single-cell image of class ``cls``: ``(size, size, 3)`` uint8 RGB.
 
     Like an LMU crop, the image covers 29 µm whatever ``size`` is (``um_per_px`` defaults
-    to ``29 / size``; pass it to draw at another magnification). The same
+    to ``29 / size``; pass it to draw at another magnification). ``lab`` (:data:`LABS`):
+    another lab's stain and field of view (``field_um / size`` µm/px); lab ``"A"`` is
+    the default look. The same
     ``(cls, seed, size, um_per_px)`` always gives the same pixels, and the same
     ``(cls, seed)`` gives the same cell (size in µm, shape, layout) at every size; only
     the fine textures are drawn anew for each resolution.
@@ -340,11 +380,14 @@ def make_cell(cls: str, seed: int, size: int = 400, um_per_px: float | None = No
     if int(size) != size or size < 16:
         raise ValueError(f"size must be an integer of at least 16 px, got {size!r}")
     size = int(size)
-    um = CROP_UM / size if um_per_px is None else float(um_per_px)
+    lab = get_lab(lab)
+    um = lab.field_um / size if um_per_px is None else float(um_per_px)
     if not (um > 0 and math.isfinite(um)):
         raise ValueError(f"um_per_px must be a positive number, got {um_per_px!r}")
     params, texture, look_rng, background = _rngs(seed, cls)
     look = sample_look(look_rng, um)
+    if lab.stain != (1.0, 1.0, 1.0):
+        look = replace(look, stain=tuple(float(a * b) for a, b in zip(look.stain, lab.stain)))
     cell = draw_leukocyte(cls, params, texture, um, look.focus_px)
     jitter = look_rng.normal(0, 0.6 / um, 2)  # cells sit near, not exactly at, the centre
     cy, cx = (int(round(size / 2 + j)) for j in jitter)
@@ -404,8 +447,8 @@ def _write_one(job) -> str:
 
     from leukoscope.io import atomic_path
 
-    cls, seed, size, path = job
-    img = make_cell(cls, seed, size)
+    cls, seed, size, path, lab = job
+    img = make_cell(cls, seed, size, lab=lab)
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, img, photometric="rgb")
     return str(path)
@@ -413,7 +456,7 @@ def _write_one(job) -> str:
 
 def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size: int = 400,
                 classes: Sequence[str] = taxonomy.CLASSES, reannotate_fraction: float = 0.1,
-                workers: int = 1, progress: bool | None = None) -> Path:
+                workers: int = 1, progress: bool | None = None, lab: str | Lab = "A") -> Path:
     """Write a synthetic dataset in the LMU layout; returns ``out_dir``.
 
     ``out_dir/CLASS/CLASS_NNNN.tiff`` (RGB, ``size`` px, numbered from 0001) for each
@@ -421,6 +464,12 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
     ``CLASS/CLASS_NNNN.tiff GOLD RE1 RE2``, the re-annotations simulated by
     :func:`simulate_examiners`. ``workers > 1`` draws in a process pool; ``progress``
     (default: when more than 200 images) shows a tqdm bar.
+
+    Another ``lab`` (e.g. ``"B"``) writes the same files but, instead of ``annotations.dat``
+    (whose LMU layout states a 29 µm field), a ``labels.csv`` manifest
+    ``path,label,source,um_per_px`` with source ``synth_lab_B`` and the µm/px left blank
+    (unknown, as in many labs' exports); the cells of lab B are other draws than lab A's
+    (the lab's name enters the seeds).
     """
     from leukoscope.io import atomic_write_text
 
@@ -430,6 +479,9 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
     if int(per_class) != per_class or per_class < 1:
         raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
     classes = [c for c in taxonomy.CLASSES if c in classes]  # taxonomy order
+    lab = get_lab(lab)
+    if lab.name != "A":  # other cells than lab A's for the same seed
+        seed = int(np.random.SeedSequence([int(seed), *map(ord, lab.name)]).generate_state(1)[0])
     out = Path(out_dir)
     digits = max(4, len(str(per_class)))
     jobs, rel = [], []
@@ -438,7 +490,7 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
         for i in range(1, per_class + 1):
             name = f"{cls}/{cls}_{i:0{digits}d}.tiff"
             rel.append((name, cls))
-            jobs.append((cls, cell_seed(seed, cls, i), size, out / name))
+            jobs.append((cls, cell_seed(seed, cls, i), size, out / name, lab))
     show = len(jobs) > 200 if progress is None else progress
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -448,6 +500,14 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
             _consume(it, len(jobs), show)
     else:
         _consume(map(_write_one, jobs), len(jobs), show)
+    if lab.name != "A":
+        import pandas as pd
+
+        from leukoscope.io import atomic_write_csv
+
+        atomic_write_csv(pd.DataFrame({"path": [n for n, _ in rel], "label": [c for _, c in rel],
+                                       "source": f"synth_lab_{lab.name}", "um_per_px": ""}), out / "labels.csv")
+        return out
     ann_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xA2207]))
     re = simulate_examiners([c for _, c in rel], reannotate_fraction, ann_rng)
     lines = [f"{name} {cls} {r1} {r2}" for (name, cls), (r1, r2) in zip(rel, re)]

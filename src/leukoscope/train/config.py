@@ -3,7 +3,8 @@
 A config has six groups and two plain settings:
 
 ``arch`` (:class:`ArchConfig`)
-    the network: ``model`` name, ``input_size``, ``um_per_px``, ``model_kwargs``.
+    the network: ``model`` name, ``input_size``, ``um_per_px``, ``model_kwargs``, ``pretrained``
+    (start from the ImageNet weights of the model's registry entry).
 ``optim`` (:class:`OptimConfig`)
     the schedule: epochs, images per class, batch size, learning rate, warm-up, early stopping,
     validation fraction, how epochs are balanced (``balance_by``).
@@ -61,6 +62,13 @@ class ArchConfig:
     um_per_px: float | None = field(default=None, metadata=_opt(
         "µm/px of the model input (default: the model's)", metavar="X"))
     model_kwargs: dict = field(default_factory=dict, metadata=_opt("keyword arguments of the model builder", cli=False))
+    pretrained: bool = field(default=False, metadata=_opt(
+        "start from the ImageNet weights the model's registry entry names (efficientnet_lite0/1/2, mobilenet_v2; "
+        "read from an installed package, SHA-256 checked, never downloaded) and normalise with the weights' "
+        "mean/std; the bundle records the weights. Unless set otherwise, a pretrained run fine-tunes gently: "
+        "--head-warmup-epochs 1 (a random head's first gradients would wreck the features), --body-lr-scale 0.3, "
+        "and BatchNorm statistics NOT frozen (ImageNet's statistics do not describe stained cells). Ignored "
+        "with --init-from (the weights come from the bundle)"))
 
 
 @dataclass
@@ -84,7 +92,8 @@ class OptimConfig:
     balance_by: str = field(default="class", metadata=_opt(
         "what an epoch balances: 'class' draws --per-class images of every class; 'source_class' draws "
         "about --per-class images of every class spread evenly over the sources (labs) that have it "
-        "(needs a 'source' column)", choices=BALANCE_MODES))
+        "(needs a 'source' column). Default of 'leukoscope train'/'cv' when the data hold more than one source: "
+        "source_class", choices=BALANCE_MODES))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,15 @@
     epochs instead of 6 (augmented images need them: at 6 epochs the measures cost
     about 0.04 balanced accuracy on the training lab's own cells, at 18 none; measured
     on PBC, two seeds).
+``pretrained``
+    ``robust``'s cross-lab measures on an ImageNet-pretrained EfficientNet-Lite0 at 192 px
+    (ImageNet features mean something from about 160-224 px), fine-tuned gently: one epoch
+    of head warm-up with the body frozen, then the body at 0.3x the learning rate, BatchNorm
+    statistics re-estimated on the cells (:data:`PRETRAINED_FINETUNE`). Not the default: the
+    default is chosen by the cross-lab rule declared in issue 18 (``docs/crosslab.md``).
+
+Any preset run with ``pretrained=True`` gets :data:`PRETRAINED_FINETUNE` for the fine-tuning
+settings that neither the preset nor the overrides set.
 
 >>> preset("paper").model
 'resnext50_32x4d'
@@ -24,6 +33,9 @@
 ('estimate', True)
 >>> preset("fast", epochs=2).epochs
 2
+>>> c = preset("fast", model="efficientnet_lite0", pretrained=True)
+>>> c.head_warmup_epochs, c.body_lr_scale, c.freeze_bn
+(1, 0.3, False)
 """
 
 from __future__ import annotations
@@ -40,6 +52,14 @@ PRESETS: dict[str, dict] = {
 }
 PRESETS["robust"] = dict(PRESETS["fast"], epochs=18, scale="estimate", white_balance=True, stain_jitter=0.1,
                          saturation=0.25, gamma=0.25, blur=1.0)
+#: The fine-tuning schedule of a run from pretrained weights, where not set otherwise: the random
+#: head is trained alone for an epoch (its first gradients would otherwise wreck the pretrained
+#: body), then the body learns at 0.3x the head's rate; BatchNorm statistics are NOT frozen, since
+#: ImageNet's running statistics do not describe stained blood cells (freezing them suits a target
+#: that looks like the pretraining data).
+PRETRAINED_FINETUNE = dict(head_warmup_epochs=1, body_lr_scale=0.3, freeze_bn=False)
+PRESETS["pretrained"] = dict(PRESETS["robust"], model="efficientnet_lite0", input_size=192, pretrained=True,
+                             epochs=8, per_class=300, batch_size=32, lr=1e-3, **PRETRAINED_FINETUNE)
 #: The preset of ``leukoscope train``/``cv`` when none is named: a model that other labs can use.
 DEFAULT_PRESET = "robust"
 
@@ -54,6 +74,9 @@ def preset(name: str, **overrides) -> TrainConfig:
         base = dict(PRESETS[name])
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}") from None
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("pretrained", base.get("pretrained")):
+        base.update({k: v for k, v in PRETRAINED_FINETUNE.items() if k not in base and k not in overrides})
+    base.update(overrides)
     base["preset"] = name
     return TrainConfig(**base)

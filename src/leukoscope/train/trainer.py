@@ -30,6 +30,16 @@ Fine-tuning (the ``finetune`` group of :class:`~leukoscope.train.config.TrainCon
 classes by :func:`leukoscope.models.heads.grow_head`); the first ``head_warmup_epochs`` train
 only the classifier (the body frozen, in eval mode); ``body_lr_scale`` scales the body's
 learning rate; ``freeze_bn`` keeps the body's BatchNorm statistics fixed.
+
+Pretrained weights: ``pretrained=True`` builds the model with the ImageNet weights its registry
+entry names (:func:`leukoscope.models.registry.create_model`), normalises inputs with the
+weights' mean/std (the registry config of such a model carries them) and records the weights in
+``meta["pretrained"]`` (:func:`leukoscope.models.pretrained.weights_record`; with ``init_from``,
+the parent bundle's record; ``None`` for a model trained from scratch).
+
+Adaptation (:func:`leukoscope.train.adapt.adapt`) passes ``classes`` (the model's classes when
+the table lacks some of them) and ``val_sources`` (validation images drawn only from those
+sources: the lab's own cells, never the replayed ones).
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ from leukoscope.models.heads import body_batchnorms, classifier_layer, grow_head
 from leukoscope.models.ood import REFERENCE_KEY, fit_training_reference
 from leukoscope.models.pipeline import normalize
 from leukoscope.models.precision import autocast_context
+from leukoscope.models.pretrained import weights_record
 from leukoscope.models.registry import create_model, get_config
 from leukoscope.train import bf16 as precision
 from leukoscope.train.augment import augment_batch
@@ -116,7 +127,8 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
 def initial_model(cfg: TrainConfig, classes, log: Callable[[str], None] = print) -> torch.nn.Module:
     """The network a run starts from: built from scratch, or ``cfg.init_from``'s weights with the head grown to ``classes``."""
     if not cfg.init_from:
-        return create_model(cfg.model, num_classes=len(classes), input_size=cfg.input_size, **cfg.model_kwargs)
+        return create_model(cfg.model, num_classes=len(classes), input_size=cfg.input_size,
+                            pretrained=bool(cfg.pretrained), **cfg.model_kwargs)
     meta = read_meta(cfg.init_from)
     if meta["model"] != cfg.model:
         raise ValueError(f"init_from {meta['_file']}: the bundle holds model {meta['model']!r}, the config says "
@@ -149,8 +161,11 @@ class Trainer:
     def __init__(self, table: pd.DataFrame, out: str | os.PathLike, config: TrainConfig | None = None, *,
                  cache=None, progress: bool = True, log: Callable[[str], None] = print,
                  on_epoch_end: Callable[[int, dict], None] | None = None, resume: bool = True,
-                 data_fingerprint: str | None = None, training_scale: dict | None = None):
+                 data_fingerprint: str | None = None, training_scale: dict | None = None,
+                 classes=None, val_sources=None):
         self.cfg = (config or TrainConfig()).resolved()
+        self.fixed_classes = None if classes is None else list(classes)
+        self.val_sources = None if val_sources is None else {str(s) for s in val_sources}
         self.table, self.out = table, Path(out)
         self.cache, self.progress, self.log = cache, progress, log
         self.on_epoch_end, self.resume = on_epoch_end, resume
@@ -212,11 +227,19 @@ class Trainer:
                           RuntimeWarning, stacklevel=4)
             table = table[table["path"].astype(str).isin(set(map(str, cache.paths)))].reset_index(drop=True)
         self.table, self.cache = table, cache
-        self.classes = classes_of(table["label"])
+        self.classes = classes_of(list(table["label"]) + (self.fixed_classes or []))
         cidx = {c: i for i, c in enumerate(self.classes)}
         rows = cache.rows(table["path"])
         y_all = np.array([cidx[c] for c in table["label"]])
-        self.tr_idx, self.va_idx = stratified_val_split(y_all, cfg.val_fraction, cfg.seed)
+        if self.val_sources is None:
+            pool = np.arange(len(table))
+        else:
+            if "source" not in table:
+                raise ValueError("val_sources needs a 'source' column in the training table")
+            pool = np.flatnonzero(table["source"].astype(str).isin(self.val_sources).to_numpy())
+        _, va = stratified_val_split(y_all[pool], cfg.val_fraction, cfg.seed)
+        self.va_idx = pool[va]
+        self.tr_idx = np.setdiff1d(np.arange(len(table)), self.va_idx)
         self.x_tr, self.y_tr = cache.images[torch.as_tensor(rows[self.tr_idx])], y_all[self.tr_idx]
         self.x_va, self.y_va = cache.images[torch.as_tensor(rows[self.va_idx])], y_all[self.va_idx]
         self.src_tr = (table["source"].astype(str).to_numpy()[self.tr_idx]
@@ -249,7 +272,8 @@ class Trainer:
         else:  # head first: the log's lr column is the head's (= --lr's schedule)
             groups = [{"params": head}, {"params": body, "lr": cfg.lr * cfg.body_lr_scale}]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(math.ceil(cfg.per_class * len(self.classes) / dist.world_size) / cfg.batch_size)
+        n_drawn = len(np.unique(self.y_tr))  # classes an epoch draws (an adapted model may keep classes without images)
+        steps_per_epoch = math.ceil(math.ceil(cfg.per_class * n_drawn / dist.world_size) / cfg.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, steps_per_epoch))
         self.scaler = None
         if not self.on_cpu and not torch.cuda.is_bf16_supported():
@@ -417,13 +441,18 @@ class Trainer:
                         "stopped_early": bool(self.stopped_early()),
                         "train_seconds": float(sum(r["seconds"] for r in state["log"])),
                         "n_train": int(len(self.tr_idx)), "n_val": int(n_val)})
+        if cfg.init_from:
+            started = read_meta(cfg.init_from).get("pretrained")
+        else:
+            started = weights_record(self.mcfg.pretrained) if cfg.pretrained else None
         meta = make_meta(
             classes=self.classes, model=cfg.model, input_size=cfg.input_size, mean=self.mcfg.mean, std=self.mcfg.std,
             um_per_px=self.model_um, temperature=temperature, config=cfg.to_dict(),
             fingerprint=self.data_fingerprint or table_fingerprint(self.table), metrics=metrics,
             channels_last=self.use_cl, inference_bf16=infer_bf16,
             train_counts={c: int(n) for c, n in zip(self.classes, self.counts)},
-            training_scale=self.training_scale, white_balance=bool(cfg.white_balance), **bf16_info,
+            training_scale=self.training_scale, white_balance=bool(cfg.white_balance), pretrained=started,
+            **bf16_info,
         )
         if self.dist.is_main:
             save_bundle(model, meta, self.bundle_path)  # on disk first: a failing reference never costs the model
