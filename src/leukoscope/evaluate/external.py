@@ -40,6 +40,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from leukoscope.data.splits import stratified_val_split
 from leukoscope.evaluate.metrics import overall_metrics, per_class_fold_metrics
 from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy
@@ -204,8 +205,6 @@ def validation_table(bundle, train_table: pd.DataFrame) -> pd.DataFrame:
     same table this returns the same images, i.e. in-distribution cells the weights were
     not fitted on: the right data for :func:`fit_reference`.
     """
-    from leukoscope.train.loop import stratified_val_split
-
     cfg = bundle.meta.get("config") or {}
     t = train_table[train_table["label"].isin(bundle.classes)].reset_index(drop=True)
     cidx = {c: i for i, c in enumerate(bundle.classes)}
