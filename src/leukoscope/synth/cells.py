@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import tifffile
+from tqdm import tqdm
 
 from leukoscope import taxonomy
 from leukoscope.imaging.scale import LMU_UM_PER_PX
+from leukoscope.io import atomic_path, atomic_write_text
 from leukoscope.synth import _draw as D
 from leukoscope.synth.field import Look, render_field, sample_look
 
@@ -400,10 +404,6 @@ def cell_seed(seed: int, cls: str, index: int) -> int:
 
 
 def _write_one(job) -> str:
-    import tifffile
-
-    from leukoscope.io import atomic_path
-
     cls, seed, size, path = job
     img = make_cell(cls, seed, size)
     with atomic_path(path) as tmp:
@@ -422,8 +422,6 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
     :func:`simulate_examiners`. ``workers > 1`` draws in a process pool; ``progress``
     (default: when more than 200 images) shows a tqdm bar.
     """
-    from leukoscope.io import atomic_write_text
-
     classes = [taxonomy.check_class(c) for c in classes]
     if len(set(classes)) != len(classes):
         raise ValueError(f"classes listed twice: {sorted({c for c in classes if classes.count(c) > 1})}")
@@ -441,8 +439,6 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
             jobs.append((cls, cell_seed(seed, cls, i), size, out / name))
     show = len(jobs) > 200 if progress is None else progress
     if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(max_workers=workers) as pool:
             it = pool.map(_write_one, jobs, chunksize=8)
             _consume(it, len(jobs), show)
@@ -457,8 +453,6 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
 
 def _consume(it, total: int, show: bool) -> None:
     if show:
-        from tqdm import tqdm
-
         it = tqdm(it, total=total, unit="cell", desc="synth cells")
     for _ in it:
         pass
