@@ -19,6 +19,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from leukoscope.data import read_dataset
+from leukoscope.models.bundle import load_bundle
+from leukoscope.report import make_report
+from leukoscope.screen import ScreenEngine
+from leukoscope.synth import write_cells, write_smear
+from leukoscope.train import cross_validate, preset
+
 #: Settings sized so the whole demo finishes in well under 10 minutes on 2 CPU cores.
 DEMO_DEFAULTS = dict(per_class=60, folds=5, epochs=6, train_per_class=150, input_size=64, seed=0,
                      smear_size=2400, smear_leukocytes=24)
@@ -37,11 +44,6 @@ def run_demo(out: str | os.PathLike = "demo_out", *, per_class: int = DEMO_DEFAU
              smear_leukocytes: int = DEMO_DEFAULTS["smear_leukocytes"], screen: bool = True,
              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the paths of what it wrote and its headline numbers."""
-    from leukoscope.data import read_dataset
-    from leukoscope.report import make_report
-    from leukoscope.synth import write_cells, write_smear
-    from leukoscope.train import cross_validate, preset
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -79,8 +81,6 @@ def run_demo(out: str | os.PathLike = "demo_out", *, per_class: int = DEMO_DEFAU
 
     if screen:
         t = time.time()
-        from leukoscope.models.bundle import load_bundle
-        from leukoscope.screen import ScreenEngine
 
         smear_path, truth_path = write_smear(out / "smear" / "synthetic_smear.tiff", width=smear_size,
                                              height=smear_size, n_leukocytes=smear_leukocytes, seed=seed)
