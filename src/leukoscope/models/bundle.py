@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import safetensors
 import torch
+import torchvision
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -40,8 +41,6 @@ class NotABundleError(ValueError):
 
 
 def library_versions() -> dict:
-    import torchvision  # start-up: about 1 s, needed only for the versions a saved bundle records
-
     return {"leukoscope": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "safetensors": getattr(safetensors, "__version__", "?"), "numpy": np.__version__,
             "python": platform.python_version()}

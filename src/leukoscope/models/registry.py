@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Callable
 
+import timm
+import torchvision
 from torch import nn
 
 from leukoscope import taxonomy
@@ -133,8 +135,6 @@ def _torchvision(arch: str, bn_momentum: bool = False):
     """Builder for a torchvision architecture, always from scratch (``weights=None``)."""
 
     def build(num_classes: int, input_size: int, **kw):
-        import torchvision  # start-up: about 1 s, needed only when a model is built (`leukoscope --help` stays fast)
-
         extra = {"norm_layer": _bn()} if bn_momentum else {}
         return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **extra)
 
@@ -159,8 +159,6 @@ def _timm(arch: str):
     """Builder for a timm architecture, never with timm's own (downloaded) weights."""
 
     def build(num_classes: int, input_size: int, **kw):
-        import timm  # start-up: importing timm takes about a second, needed only when a timm model is built
-
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
 
     build.__name__ = f"build_{arch}"
