@@ -40,7 +40,7 @@ LAYERS = {
 #: import, and needed only on some paths (plots, export, saliency, progress bars, image codecs, ...)
 OPTIONAL_HEAVY = {
     "torch", "torchvision", "onnx", "onnxruntime", "captum", "matplotlib", "sklearn", "skimage", "scipy",
-    "tqdm", "jinja2", "tifffile", "zarr", "imagecodecs", "safetensors",
+    "tqdm", "jinja2", "tifffile", "zarr", "imagecodecs", "safetensors", "timm",
 }
 
 

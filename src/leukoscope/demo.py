@@ -22,6 +22,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
+from leukoscope.data import read_dataset
+from leukoscope.models.bundle import load_bundle
+from leukoscope.report import make_report
+from leukoscope.screen import ScreenEngine
+from leukoscope.synth import write_cells, write_smear
+from leukoscope.train import cross_validate, preset
+from leukoscope.train.adapt import adapt, take_k_per_class
+
 #: Settings sized so the whole demo finishes in well under 10 minutes on 2 CPU cores.
 DEMO_DEFAULTS = dict(per_class=60, folds=5, epochs=6, train_per_class=150, input_size=64, seed=0,
                      smear_size=2400, smear_leukocytes=24, lab_b_per_class=20, adapt_k=10)
@@ -41,11 +51,6 @@ def run_demo(out: str | os.PathLike = "demo_out", *, per_class: int = DEMO_DEFAU
              lab_b_per_class: int = DEMO_DEFAULTS["lab_b_per_class"], adapt_k: int = DEMO_DEFAULTS["adapt_k"],
              adapt_lab: bool = True, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the demo; returns the paths of what it wrote and its headline numbers."""
-    from leukoscope.data import read_dataset
-    from leukoscope.report import make_report
-    from leukoscope.synth import write_cells, write_smear
-    from leukoscope.train import cross_validate, preset
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -83,8 +88,6 @@ def run_demo(out: str | os.PathLike = "demo_out", *, per_class: int = DEMO_DEFAU
 
     if screen:
         t = time.time()
-        from leukoscope.models.bundle import load_bundle
-        from leukoscope.screen import ScreenEngine
 
         smear_path, truth_path = write_smear(out / "smear" / "synthetic_smear.tiff", width=smear_size,
                                              height=smear_size, n_leukocytes=smear_leukocytes, seed=seed)
@@ -111,10 +114,6 @@ def run_demo(out: str | os.PathLike = "demo_out", *, per_class: int = DEMO_DEFAU
 
 
 def _accuracy(bundle_path, table) -> float:
-    import numpy as np
-
-    from leukoscope.models.bundle import load_bundle
-
     bundle = load_bundle(bundle_path)
     p = bundle.predict_proba(list(table["path"]), table["um_per_px"].tolist())
     return float((np.array(bundle.classes)[p.argmax(1)] == table["label"].to_numpy()).mean())
@@ -124,9 +123,6 @@ def demo_lab_b(out: Path, lab_a_table, model_path, *, per_class: int, k: int, se
                log: Callable[[str], None] = print) -> dict:
     """Step 5: write synthetic lab B, score ``model_path`` on it zero-shot, adapt on ``k`` cells per class
     (replaying lab A's cells), score again on lab B's other cells."""
-    from leukoscope.data import read_dataset
-    from leukoscope.synth import write_cells
-    from leukoscope.train.adapt import adapt, take_k_per_class
 
     lab_dir = out / "lab_B"
     if not (lab_dir / "labels.csv").exists():

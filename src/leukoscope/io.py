@@ -8,6 +8,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 _UMASK = os.umask(0)
@@ -53,8 +54,6 @@ def atomic_write_csv(df: pd.DataFrame, path: str | os.PathLike, **kwargs) -> Pat
 
 
 def _json_default(o):
-    import numpy as np
-
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):

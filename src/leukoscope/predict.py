@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from leukoscope.data.readers import iter_image_paths
 from leukoscope.evaluate.predictions import predictions_table
@@ -92,8 +93,6 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
     parts: list[np.ndarray] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm  # optional: progress bars only
-
         bar = tqdm(total=len(paths), desc="predicting", unit="img")
     for start in range(0, len(paths), chunk):
         names = [str(p) for p in paths[start:start + chunk]]

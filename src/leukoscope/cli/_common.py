@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import fields
 
+from leukoscope.io import _json_default, atomic_write_json
 from leukoscope.train.config import FLAT, GROUPS, TrainConfig, setting_field
 
 #: Titles of the option groups of ``train``/``cv``, one per config group.
@@ -27,8 +28,6 @@ def add_json_out(p: argparse.ArgumentParser) -> None:
 
 def write_json(obj, path: str | None) -> None:
     if path:
-        from leukoscope.io import atomic_write_json
-
         atomic_write_json(obj, path)
         print(f"wrote {path}", file=sys.stderr)
 
@@ -38,8 +37,6 @@ def fmt(x: float, nd: int = 3) -> str:
 
 
 def dumps(obj) -> str:
-    from leukoscope.io import _json_default
-
     return json.dumps(obj, indent=2, default=_json_default)
 
 

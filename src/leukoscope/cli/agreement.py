@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from leukoscope.cli._common import add_json_out, fmt, write_json
+from leukoscope.evaluate.agreement import agreement_from_annotations, confusion_frame
 
 NAME = "agreement"
 HELP = "Cohen's kappa and blast/atypical sensitivity/specificity of the re-annotations"
@@ -22,8 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leukoscope.evaluate.agreement import agreement_from_annotations, confusion_frame
-
     res = agreement_from_annotations(args.annotations)
     print(f"{'examiner':<14} {'n':>5} {'UNC':>4} {'kappa':>6} {'kappa(UNC=err)':>14} "
           f"{'blast sens':>10} {'blast spec':>10} {'atyp sens':>9} {'atyp spec':>9}")

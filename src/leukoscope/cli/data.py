@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from leukoscope import taxonomy
 from leukoscope.cli._common import add_json_out, add_label_map, write_json
+from leukoscope.data import check_images, read_dataset
 
 NAME = "data"
 HELP = "inspect a labelled single-cell dataset (LMU folder, folder per class, or CSV manifest)"
@@ -26,9 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leukoscope import taxonomy
-    from leukoscope.data import check_images, read_dataset
-
     ds = read_dataset(args.path, label_map=args.label_map)
     if not args.no_decode:
         check_images(ds, progress=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from leukoscope.demo import DEMO_DEFAULTS, SYNTHETIC_WARNING
+from leukoscope.demo import DEMO_DEFAULTS, SYNTHETIC_WARNING, run_demo
 
 NAME = "demo"
 HELP = "end-to-end demo on synthetic data: generate cells, cross-validate, report, screen a smear"
@@ -33,8 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leukoscope.demo import run_demo
-
     res = run_demo(args.out, per_class=args.per_class, folds=args.folds, epochs=args.epochs,
                    train_per_class=args.train_per_class, input_size=args.input_size, seed=args.seed,
                    screen=not args.no_screen, adapt_lab=not args.no_adapt, progress=not args.quiet)

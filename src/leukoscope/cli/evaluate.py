@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from leukoscope.cli._common import add_label_map
+from leukoscope.cli._common import add_label_map, fmt
+from leukoscope.data import fold_tables, read_dataset
+from leukoscope.evaluate.external import evaluate_sets, write_outputs
+from leukoscope.models.bundle import load_bundle, read_meta
+from leukoscope.models.ood import fit_reference, store_reference
 
 NAME = "evaluate"
 HELP = "score a model on labelled sets from other labs: per source and class, with an out-of-distribution warning"
@@ -52,12 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leukoscope.cli._common import fmt
-    from leukoscope.data import fold_tables, read_dataset
-    from leukoscope.evaluate.external import evaluate_sets, write_outputs
-    from leukoscope.models.ood import fit_reference, store_reference
-    from leukoscope.models.bundle import load_bundle, read_meta
-
     if (args.split is None) != (args.fold is None):
         raise ValueError("--split and --fold go together: evaluate the rows of DATA in fold K")
     if args.fit_reference:

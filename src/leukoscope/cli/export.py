@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from leukoscope.models import load_bundle
+from leukoscope.models.export import export_onnx
+
 NAME = "export"
 HELP = "export a model bundle to ONNX, checked against PyTorch with onnxruntime"
 DESCRIPTION = (
@@ -20,9 +23,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leukoscope.models import load_bundle
-    from leukoscope.models.export import export_onnx
-
     check = export_onnx(load_bundle(args.model), args.onnx, opset=args.opset)
     print(f"wrote {check['path']} (opset {check['opset']}, input {check['input_shape']}); onnxruntime matches "
           f"PyTorch: max |diff| {check['max_abs_diff']:.2e}, same predictions")

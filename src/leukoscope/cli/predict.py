@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from leukoscope.io import atomic_write_csv
+from leukoscope.models import load_bundle
+from leukoscope.predict import predict_paths
+
 NAME = "predict"
 HELP = "classify single-cell images with a model bundle; blast and atypical scores per image"
 DESCRIPTION = (
@@ -41,10 +45,6 @@ def _um_arg(v: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from leukoscope.io import atomic_write_csv
-    from leukoscope.models import load_bundle
-    from leukoscope.predict import predict_paths
-
     bundle = load_bundle(args.model, device=args.device)
     res = predict_paths(bundle, args.inputs, um_per_px=args.um_per_px, batch_size=args.batch_size,
                         calibrated=not args.uncalibrated, progress=not args.no_progress, tta=args.tta)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from leukoscope.cli._common import fmt
+from leukoscope.report.build import make_report
 
 NAME = "report"
 HELP = "evaluation report of a cross-validation run: tables, figures, metrics.json and report.html"
@@ -31,10 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from leukoscope.report.build import make_report
-
     if args.saliency_per_class < 0 or args.bootstrap < 0:
         raise ValueError("--saliency-per-class and --bootstrap must be 0 or more")
     out = Path(args.out) if args.out else Path(args.run) / "report"

@@ -7,6 +7,10 @@ import socket
 import sys
 import threading
 
+from leukoscope.review import ReviewStore, export_differential, export_labels
+from leukoscope.review.app import create_app, make_token, serve
+from leukoscope.review.model_views import ModelViews
+
 NAME = "review"
 HELP = "review station: correct the calls of a screen/predict run in the browser, sign off, export"
 DESCRIPTION = """\
@@ -47,7 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _export(args, action: str) -> int:
-    from leukoscope.review import ReviewStore, export_differential, export_labels
 
     if len(args.target) != 2 or not args.out:
         raise ValueError(f"usage: leukoscope review {action} DB --out DIR")
@@ -67,9 +70,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leukoscope.review import ReviewStore
-    from leukoscope.review.app import create_app, make_token, serve
-    from leukoscope.review.model_views import ModelViews
 
     if args.target and args.target[0] in ("export", "export-labels"):
         return _export(args, args.target[0])

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+
+from leukoscope.data.readers import iter_image_paths
+from leukoscope.models.bundle import load_bundle
+from leukoscope.screen.detect import check_um_per_px
+from leukoscope.screen.engine import DEFAULT_REFER_BELOW, DEFAULT_TILE_SIZE, ScreenEngine, ScreenWarning
 
 NAME = "screen"
 HELP = "find, crop and classify the leukocytes of smear images; differential count, blast %, review page"
@@ -17,8 +24,6 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from leukoscope.screen.engine import DEFAULT_REFER_BELOW, DEFAULT_TILE_SIZE
-
     p.add_argument("model", help="model bundle (model.safetensors written by 'leukoscope train')")
     p.add_argument("smears", nargs="+", metavar="SMEAR", help="smear images (JPEG/PNG/TIFF) or folders of them")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -35,14 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    import warnings
-
-    from leukoscope.data.readers import iter_image_paths
-    from leukoscope.models.bundle import load_bundle
-    from leukoscope.screen.detect import check_um_per_px
-    from leukoscope.screen.engine import ScreenEngine, ScreenWarning
-
     if args.um_per_px is not None:
         check_um_per_px(args.um_per_px, "--um-per-px")
     bundle = load_bundle(args.model)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from leukoscope.cli._common import add_label_map
+from leukoscope.data import make_split, read_dataset, write_split
 
 NAME = "split"
 HELP = "make a stratified k-fold, hold-out or patient-wise split and write it as CSV"
@@ -28,10 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    from leukoscope.data import make_split, read_dataset, write_split
-
     ds = read_dataset(args.path, label_map=args.label_map)
     by = {"auto": "auto", "yes": True, "no": False}[args.by_patient]
     with warnings.catch_warnings(record=True) as caught:

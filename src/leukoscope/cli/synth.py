@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import pandas as pd
+
+from leukoscope import taxonomy
+from leukoscope.imaging.scale import LMU_UM_PER_PX
+from leukoscope.synth import write_cells, write_smear
+
 NAME = "synth"
 HELP = "generate synthetic blood-cell images: an LMU-layout cell dataset or a smear field with ground truth"
 DESCRIPTION = (
@@ -14,8 +20,6 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from leukoscope.imaging.scale import LMU_UM_PER_PX
-
     sub = p.add_subparsers(dest="synth_command", metavar="SUBCOMMAND", required=True)
     c = sub.add_parser(
         "cells", help="write a single-cell dataset in the LMU layout with annotations.dat",
@@ -53,9 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leukoscope import taxonomy
-    from leukoscope.synth import write_cells, write_smear
-
     classes = tuple(args.classes) if args.classes else taxonomy.CLASSES
     if args.synth_command == "cells":
         out = write_cells(args.out, args.per_class, seed=args.seed, size=args.size, classes=classes,
@@ -66,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     image, truth = write_smear(args.out, args.width, args.height, n_leukocytes=args.leukocytes,
                                seed=args.seed, um_per_px=args.um_per_px, classes=classes)
-    import pandas as pd
 
     n = len(pd.read_csv(truth))
     print(f"wrote {image} ({args.width}x{args.height} px at {args.um_per_px:.4f} µm/px, {n} leukocytes) "

@@ -43,10 +43,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from PIL import Image
+from tqdm import tqdm
 
 from leukoscope import taxonomy
-from leukoscope.imaging.images import IMAGE_SUFFIXES, ImageError, is_image_file, load_rgb
-from leukoscope.imaging.scale import LMU_UM_PER_PX
+from leukoscope.imaging.images import IMAGE_SUFFIXES, ImageError, image_size, is_image_file, load_rgb
+from leukoscope.imaging.scale import LMU_FIELD_UM, LMU_UM_PER_PX
 
 ANNOTATIONS_NAME = "annotations.dat"
 MANIFEST_NAMES = ("labels.csv", "manifest.csv")
@@ -291,8 +293,6 @@ def read_lmu(root: str | os.PathLike, annotations: str | os.PathLike | None = No
     for rel in sorted(on_disk - listed):
         skipped.append({"path": str(root / rel), "reason": f"image not listed in {ann_path.name}"})
     mismatched = 0
-    from leukoscope.imaging.images import image_size
-    from leukoscope.imaging.scale import LMU_FIELD_UM
 
     for rec in present.itertuples(index=False):
         folder = rec.path.split("/")[0]
@@ -502,14 +502,10 @@ def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
     Also records what the decoder met (modes, sizes, RGBA files and how many have
     alpha = 0 regions, which are dropped rather than composited) in ``extra['images']``.
     """
-    from PIL import Image
-
     keep, modes, sizes, rgba_with_transparency = [], {}, {}, 0
     paths = list(ds.table["path"])
     iterator = paths
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(paths, desc="checking images", unit="img")
     for p in iterator:
         try:

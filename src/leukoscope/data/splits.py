@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+from leukoscope.io import atomic_write_csv
+
 SPLIT_COLUMNS = ["path", "label", "fold"]
 
 
@@ -120,8 +122,6 @@ def make_split(table: pd.DataFrame, folds: int = 5, seed: int = 0, holdout: floa
 
 def write_split(split: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a split CSV atomically."""
-    from leukoscope.io import atomic_write_csv
-
     cols = SPLIT_COLUMNS + (["patient"] if "patient" in split else [])
     return atomic_write_csv(split[cols], path)
 

@@ -40,6 +40,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
+    cohen_kappa_score,
     confusion_matrix,
     f1_score,
     multilabel_confusion_matrix,
@@ -47,6 +48,7 @@ from sklearn.metrics import (
 )
 
 from leukoscope import taxonomy
+from leukoscope.evaluate.agreement import EXAMINERS, agreement
 
 PROB_PREFIX = "prob_"
 TABLE1_METRICS = ("precision", "sensitivity", "specificity")
@@ -372,8 +374,6 @@ def classification_metrics(y_true, y_pred, labels=None) -> dict:
 # --------------------------------------------------------------------------- model vs examiners
 
 def _kappa(a, b) -> float:
-    from sklearn.metrics import cohen_kappa_score
-
     a, b = list(a), list(b)
     if len(a) < 2 or len(set(a) | set(b)) < 2:
         return float("nan")
@@ -392,8 +392,6 @@ def model_vs_examiners(pred_df: pd.DataFrame, annotations: pd.DataFrame) -> dict
     same assignable images and ``model_kappa_all`` on all ``n``. Without matches, ``note``
     says so and ``examiners`` is empty.
     """
-    from leukoscope.evaluate.agreement import EXAMINERS, agreement
-
     pkeys = pred_df["path"].map(path_key)
     pred = pd.DataFrame({"key": pkeys, "label": pred_df["label"].to_numpy(), "pred": pred_df["pred"].to_numpy()})
     n_dup = int(pred["key"].duplicated().sum())

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image, UnidentifiedImageError
 
 #: File suffixes the readers consider images.
@@ -75,8 +76,6 @@ def to_rgb(arr: np.ndarray, *, path: str | os.PathLike = "<array>") -> np.ndarra
 
 
 def _load_tiff(path: Path, max_pixels: int) -> np.ndarray:
-    import tifffile
-
     with tifffile.TiffFile(path) as tif:
         if not tif.pages:
             raise ImageError(path, "TIFF has no image pages")

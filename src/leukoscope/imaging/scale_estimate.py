@@ -48,6 +48,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage import filters
+from skimage.feature import peak_local_max
 
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.imaging.morphology import downsample, remove_small, to_lab
@@ -84,9 +88,6 @@ def _optical_density(img: np.ndarray) -> np.ndarray:
 
 def cell_masks(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(cells, nucleus)`` boolean masks of an RGB uint8 image (see the module docstring)."""
-    from scipy import ndimage as ndi
-    from skimage import filters
-
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
@@ -112,8 +113,6 @@ def cell_masks(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def find_rbcs(img: np.ndarray) -> list[tuple[float, float, float]]:
     """Red cells of an RGB image as ``(y, x, radius_px)``, the red-cell population only."""
-    from scipy import ndimage as ndi
-
     cells, nucleus = cell_masks(img)
     if not cells.any():
         return []
@@ -235,9 +234,6 @@ def estimate_field_scale(img: np.ndarray, *, rbc_diameter_um: float = RBC_DIAMET
     at most ~800 px across. Measured on BCCD (59 fields): median 0.084 µm/px, none
     failed, against 0.072 from the dataset's red-cell boxes (which include a margin).
     """
-    from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-
     def failed(n: int, reason: str) -> ScaleEstimate:
         return ScaleEstimate(float("nan"), float("nan"), n, False, reason)
 
@@ -312,8 +308,6 @@ def resolve_um_per_px(table, *, user_um_per_px: float | None = None, estimate: s
     is not used: the row gets ``fallback`` (or stays unknown, i.e. resized to the model
     input) and a warning says so.
     """
-    import pandas as pd
-
     n = len(table)
     out = np.full(n, np.nan)
     origin = np.array(["unknown"] * n, dtype=object)

@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import safetensors
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from leukoscope import INTENDED_USE, __version__, taxonomy
 from leukoscope.io import _json_default, atomic_path
@@ -36,10 +40,7 @@ class NotABundleError(ValueError):
 
 
 def library_versions() -> dict:
-    import torch
-    import torchvision
-
-    import safetensors
+    import torchvision  # start-up: about 1 s, needed only for the versions a saved bundle records
 
     return {"leukoscope": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "safetensors": getattr(safetensors, "__version__", "?"), "numpy": np.__version__,
@@ -178,8 +179,6 @@ def make_meta(*, classes: Sequence[str], model: str, input_size: int, mean, std,
 
 def save_bundle(model, meta: dict, path: str | os.PathLike) -> Path:
     """Write weights + metadata atomically to ``path`` (a ``.safetensors`` file)."""
-    from safetensors.torch import save_file
-
     for key in ("classes", "model", "input_size", "mean", "std", "temperature"):
         if key not in meta:
             raise ValueError(f"bundle metadata lacks {key!r}")
@@ -192,8 +191,6 @@ def save_bundle(model, meta: dict, path: str | os.PathLike) -> Path:
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The metadata of a bundle, without loading its weights."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: model file not found")
@@ -224,8 +221,6 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def load_bundle(path: str | os.PathLike, device: str = "cpu") -> ModelBundle:
     """Load a bundle (no pickle: safetensors only). Raises :class:`NotABundleError` naming the file."""
-    from safetensors.torch import load_file
-
     meta = read_meta(path)
     file = meta.pop("_file")
     kwargs = (meta.get("config") or {}).get("model_kwargs") or {}
@@ -235,7 +230,6 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> ModelBundle:
     if missing or unexpected:
         raise NotABundleError(f"{file}: weights do not fit model {meta['model']!r} "
                               f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-    import torch
 
     model = model.to(device)
     if meta.get("channels_last", True):

@@ -19,6 +19,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -68,9 +70,6 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, *, head: nn.Linear | Non
 def export_onnx(bundle, path: str | os.PathLike, *, opset: int = 17, batch: int = 2, atol: float = 1e-3,
                 seed: int = 0) -> dict:
     """Write ``path``; verify logits against PyTorch on a random batch; return the check."""
-    import onnx
-    import onnxruntime as ort
-
     model = bundle.model.float().eval().to("cpu")
     s = bundle.input_size
     g = torch.Generator().manual_seed(seed)

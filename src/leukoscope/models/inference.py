@@ -31,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.models.export import onnx_bytes
@@ -200,8 +201,6 @@ def forward_logits(model, x_uint8, mean, std, *, batch_size: int = 64, device="c
     outs = []
     rng = range(0, len(x_uint8), batch_size)
     if progress:
-        from tqdm.auto import tqdm  # optional: progress bars only
-
         rng = tqdm(rng, desc="predicting", unit="batch", leave=False)
     with torch.inference_mode():
         for i in rng:
@@ -269,8 +268,6 @@ def forward(bundle, x_uint8, *, batch_size: int = 64, features: bool = False, tt
     rechecked = 0
     starts = range(0, len(x), max(1, int(batch_size)))
     if progress:
-        from tqdm.auto import tqdm  # optional: progress bars only
-
         starts = tqdm(starts, desc="predicting (TTA x8)" if tta else "predicting", unit="batch", leave=False)
     with torch.inference_mode():
         for s in starts:

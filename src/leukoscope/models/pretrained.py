@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 #: Preprocessing of Google's EfficientNet-Lite checkpoints: inputs scaled to [-1, 1].
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
@@ -183,8 +185,6 @@ def load_pretrained(model, source: WeightsSource):
     Errors (:class:`PretrainedWeightsError`): package not installed (naming the pip command),
     SHA-256 mismatch, keys or shapes that do not fit the architecture.
     """
-    import torch  # torch imported here, like the rest of models/, so that the registry imports fast
-
     path = verified_path(source)
     state = torch.load(path, map_location="cpu", weights_only=True)
     mapped = map_state_dict(source, state, model.state_dict())

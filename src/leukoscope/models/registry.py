@@ -17,7 +17,10 @@ model input. Nothing downstream guesses preprocessing.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from typing import Callable
+
+from torch import nn
 
 from leukoscope import taxonomy
 from leukoscope.imaging.scale import LMU_UM_PER_PX
@@ -123,10 +126,6 @@ def create_model(name: str, num_classes: int | None = None, input_size: int | No
 def _bn():
     """BatchNorm with momentum 0.1: torchvision's MobileNetV3 uses 0.01, whose running statistics
     lag far behind the weights in short from-scratch training (validation collapses to chance)."""
-    from functools import partial
-
-    from torch import nn
-
     return partial(nn.BatchNorm2d, eps=0.001, momentum=0.1)
 
 
@@ -134,7 +133,7 @@ def _torchvision(arch: str, bn_momentum: bool = False):
     """Builder for a torchvision architecture, always from scratch (``weights=None``)."""
 
     def build(num_classes: int, input_size: int, **kw):
-        import torchvision
+        import torchvision  # start-up: about 1 s, needed only when a model is built (`leukoscope --help` stays fast)
 
         extra = {"norm_layer": _bn()} if bn_momentum else {}
         return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **extra)
@@ -160,7 +159,7 @@ def _timm(arch: str):
     """Builder for a timm architecture, never with timm's own (downloaded) weights."""
 
     def build(num_classes: int, input_size: int, **kw):
-        import timm  # imported when building: importing timm takes about a second
+        import timm  # start-up: importing timm takes about a second, needed only when a timm model is built
 
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
 
@@ -195,8 +194,6 @@ def PlainCNN(num_classes: int, widths=(32, 64, 128, 256, 256), hidden: int = 512
 
     Global pooling keeps the dense part independent of the input size (and exportable to ONNX).
     """
-    from torch import nn
-
     layers, c_in = [], 3
     for w in widths:
         layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),

@@ -7,12 +7,6 @@
 >>> m["overall"]["macro_f1"]["value"]                     # doctest: +SKIP
 """
 
+from leukoscope.report.build import make_report
+
 __all__ = ["make_report"]
-
-
-def __getattr__(name):  # lazy: importing the package does not import Matplotlib
-    if name == "make_report":
-        from leukoscope.report.build import make_report
-
-        return make_report
-    raise AttributeError(f"module 'leukoscope.report' has no attribute {name!r}")

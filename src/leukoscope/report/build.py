@@ -23,6 +23,8 @@ import pandas as pd
 from leukoscope import INTENDED_USE, __version__, taxonomy
 from leukoscope.evaluate import binary as binary_mod
 from leukoscope.evaluate import calibration, metrics
+from leukoscope.evaluate.agreement import agreement, examiner_points, read_annotations
+from leukoscope.evaluate.saliency import saliency_examples
 from leukoscope.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
 from leukoscope.report import figures
 from leukoscope.report.html import render_report
@@ -80,8 +82,6 @@ def read_run_config(run_dir: Path) -> tuple[dict | None, object]:
 
 def human_comparison(pred_df: pd.DataFrame, annotations: str | os.PathLike) -> dict:
     """Examiners on the whole annotation file (the ROC points) and model vs examiners on shared images."""
-    from leukoscope.evaluate.agreement import agreement, examiner_points, read_annotations
-
     ann = read_annotations(annotations)
     res = agreement(ann)
     points = {q: examiner_points(res, q) for q in taxonomy.BINARY_QUESTIONS}
@@ -190,8 +190,6 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     binary = binary_mod.binary_questions(pred, model_classes)
     human = human_comparison(pred, annotations) if annotations else None
     config, fingerprint = read_run_config(run_dir)
-
-    from leukoscope.evaluate.saliency import saliency_examples
 
     examples, sal_notes = saliency_examples(run_dir, pred, per_class=saliency_per_class, seed=seed)
 

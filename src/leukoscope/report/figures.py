@@ -16,9 +16,12 @@ from __future__ import annotations
 import io
 import textwrap
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter
+from PIL import Image
 
 DPI = 110
 EXAMINER_MARKERS = ("x", "+")
@@ -37,7 +40,6 @@ def figure_png(fig: Figure, dpi: int = DPI, palette: bool = False) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": "leukoscope"})
     if not palette:
         return buf.getvalue()
-    from PIL import Image
 
     buf.seek(0)
     img = Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
@@ -84,7 +86,6 @@ def confusion_png(classes, fractions, n_images, title: str = "Confusion matrix (
     strip = fig.add_axes(box(left + mat + gap, y0, strip_w, mat), sharey=ax)
     cax = fig.add_axes(box(left, bottom, mat, cbar_h))
     masked = np.ma.masked_invalid(frac)
-    import matplotlib
 
     cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#eeeeee")
     im = ax.imshow(masked, cmap=cmap, vmin=0, vmax=1, aspect="auto")
@@ -111,7 +112,6 @@ def confusion_png(classes, fractions, n_images, title: str = "Confusion matrix (
     hi = 10.0 ** np.ceil(np.log10(n.max() * 8)) if pos.any() else 100.0
     hi = max(hi, lo * 100)
     strip.set_xlim(lo, hi)
-    from matplotlib.ticker import LogLocator, NullFormatter
 
     strip.xaxis.set_major_locator(LogLocator(base=10, numticks=12))
     strip.xaxis.set_minor_formatter(NullFormatter())

@@ -25,6 +25,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -254,6 +255,5 @@ def make_token() -> str:
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8765) -> None:
     """Run ``app`` with uvicorn until interrupted."""
-    import uvicorn  # the server: only needed to serve, not to build or test the app
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

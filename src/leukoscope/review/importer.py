@@ -29,6 +29,7 @@ from PIL import Image
 
 from leukoscope import __version__, taxonomy
 from leukoscope.imaging.images import ImageError, load_rgb
+from leukoscope.models.bundle import read_meta
 from leukoscope.screen.count import UNIDENTIFIED
 from leukoscope.screen.crops import cell_crop
 from leukoscope.screen.engine import DEFAULT_REFER_BELOW
@@ -253,7 +254,6 @@ def build_database(source: str | os.PathLike, db_path: str | os.PathLike, *, mod
     sha = sha256_file(model_file) if model_file is not None and model_file.is_file() else None
     model_name = run["model"].get("name")
     if model_file is not None and model_file.is_file() and not model_name:
-        from leukoscope.models.bundle import read_meta  # metadata only; no weights are loaded
 
         model_name = read_meta(model_file).get("model")
     tmp = db_path.with_name(f".{db_path.name}.{os.getpid()}.importing")

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from leukoscope.evaluate.saliency import saliency_map
+from leukoscope.models.bundle import load_bundle
 from leukoscope.models.inference import forward
 from leukoscope.review.importer import png_bytes
 from leukoscope.screen.crops import crop_size_px, model_crops, model_fov_um
@@ -50,8 +52,6 @@ class ModelViews:
         self._cache: OrderedDict[int, tuple[np.ndarray, str]] = OrderedDict()
 
     def bundle(self):
-        from leukoscope.models.bundle import load_bundle  # torch: loaded only when a view is asked for
-
         with self._lock:
             if self._bundle is None:
                 if not self.model_path:
@@ -118,8 +118,6 @@ class ModelViews:
 
     def saliency(self, cell_id: int) -> bytes:
         """PNG of the saliency map (|gradient| of the model's top class) over a grey copy of the input."""
-        from leukoscope.evaluate.saliency import saliency_map  # torch + captum: loaded only when a map is asked for
-
         bundle = self.bundle()
         x, _ = self._input(int(cell_id))
         target = list(bundle.classes).index(self.store.cell(cell_id)["model_pred"])

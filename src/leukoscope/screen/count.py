@@ -20,6 +20,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import beta, norm
 
 from leukoscope import taxonomy
 
@@ -35,7 +36,6 @@ def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of the proportion ``k / n``; (nan, nan) when n == 0."""
     if n <= 0:
         return (math.nan, math.nan)
-    from scipy.stats import norm
 
     z = float(norm.ppf(0.5 + level / 2))
     p = k / n
@@ -49,7 +49,6 @@ def clopper_pearson_interval(k: int, n: int, level: float = 0.95) -> tuple[float
     """Exact (Clopper-Pearson) interval of ``k / n``; (nan, nan) when n == 0."""
     if n <= 0:
         return (math.nan, math.nan)
-    from scipy.stats import beta
 
     a = 1 - level
     lo = 0.0 if k == 0 else float(beta.ppf(a / 2, k, n - k + 1))

@@ -35,6 +35,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage as ndi
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.optimize import linear_sum_assignment
+from skimage.filters import gaussian
+from skimage.measure import regionprops
+from skimage.morphology import disk, h_maxima
+from skimage.segmentation import watershed
 
 from leukoscope.imaging.morphology import downsample, remove_small, to_lab
 from leukoscope.imaging.scale_policy import check_um_per_px
@@ -104,8 +111,6 @@ def calibrate(img: np.ndarray, um_per_px: float | None = None, params: DetectPar
 
 
 def _disk(r: float):
-    from skimage.morphology import disk
-
     return disk(max(0, int(round(r))))
 
 
@@ -119,11 +124,6 @@ def detect_leukocytes(img: np.ndarray, um_per_px: float, params: DetectParams = 
     Columns: ``x0, y0, x1, y1`` (x1/y1 exclusive), ``cx, cy`` (box centre),
     ``nucleus_um2``, ``cell_um2`` and ``blue`` (mean nucleus ``b*`` below background).
     """
-    from scipy import ndimage as ndi
-    from skimage.filters import gaussian
-    from skimage.measure import regionprops
-    from skimage.segmentation import watershed
-
     um_per_px = check_um_per_px(um_per_px)
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3:
@@ -184,9 +184,6 @@ def detect_leukocytes(img: np.ndarray, um_per_px: float, params: DetectParams = 
 
 def _h_maxima_markers(dist: np.ndarray, mask: np.ndarray, h: float) -> np.ndarray:
     """Labelled h-maxima of ``dist``, computed object by object (the background is most of a field)."""
-    from scipy import ndimage as ndi
-    from skimage.morphology import h_maxima
-
     comp, n = ndi.label(mask)
     markers = np.zeros(dist.shape, np.int32)
     nxt = 1
@@ -202,9 +199,6 @@ def _h_maxima_markers(dist: np.ndarray, mask: np.ndarray, h: float) -> np.ndarra
 
 def _merge_close_markers(markers: np.ndarray, min_dist: float) -> np.ndarray:
     """Give markers whose centroids are closer than ``min_dist`` (px) one label (single linkage)."""
-    from scipy import ndimage as ndi
-    from scipy.cluster.hierarchy import fcluster, linkage
-
     n = int(markers.max())
     if n < 2:
         return markers
@@ -216,8 +210,6 @@ def _merge_close_markers(markers: np.ndarray, min_dist: float) -> np.ndarray:
 
 def _connected_to_seed(cell_lab: np.ndarray, seed_lab: np.ndarray) -> np.ndarray:
     """Keep, for every label, only the parts of its region connected to its seed."""
-    from scipy import ndimage as ndi
-
     comp, _ = ndi.label(cell_lab > 0)
     # a component is kept for label L if it touches L's seed; components are split by label
     key = comp.astype(np.int64) * (int(cell_lab.max()) + 1) + cell_lab
@@ -254,8 +246,6 @@ def match_boxes(pred, truth, iou: float = 0.5) -> tuple[int, int, int, np.ndarra
     Returns ``(tp, fp, fn, ious)``: matches need IoU >= ``iou``; ``ious`` are the IoUs
     of the matched pairs.
     """
-    from scipy.optimize import linear_sum_assignment
-
     pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
     truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
     if len(pred) == 0 or len(truth) == 0:

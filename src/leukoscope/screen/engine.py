@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
@@ -189,8 +190,6 @@ class ScreenEngine:
         queue = _ClassifyQueue(self)
         it = enumerate(sources)
         if self.progress and len(sources) > 1:
-            from tqdm.auto import tqdm
-
             it = tqdm(it, desc="smears", unit="image", total=len(sources))
         states = [self._start_image(src, ck_dir, names[i] if names is not None else None, queue) for i, src in it]
         queue.flush()
@@ -233,8 +232,6 @@ class ScreenEngine:
         todo = [t for t in tiles if t.index not in done]
         it = todo
         if self.progress and len(tiles) > 1:
-            from tqdm.auto import tqdm
-
             it = tqdm(todo, desc=Path(smear.path).name, unit="tile", initial=st.res.tiles_resumed, total=len(tiles))
         for tile in it:
             det, crops = self.detect_tile(smear, tile, um, cal)

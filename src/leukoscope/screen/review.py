@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from PIL import Image
 
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.evaluate.saliency import saliency_map
@@ -36,16 +38,12 @@ THUMB_PX = 112
 
 
 def _png(arr: np.ndarray) -> str:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=6)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _thumb(arr: np.ndarray, size: int = THUMB_PX) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.fromarray(arr).resize((size, size), Image.LANCZOS))
 
 
@@ -169,8 +167,6 @@ def pct(x, nd: int = 1) -> str:
 def write_review(result, path: str | os.PathLike, bundle=None, max_cells: int = MAX_CELLS,
                  max_saliency: int = MAX_SALIENCY) -> Path:
     """Render ``review.html`` for a :class:`~leukoscope.screen.engine.ScreenResult` (atomic)."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
-
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
     env.filters["pct"] = pct
     html = env.get_template("review.html").render(**review_context(result, bundle, max_cells, max_saliency))

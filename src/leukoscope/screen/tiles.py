@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
+import zarr
+from PIL import Image
 
 from leukoscope.imaging.images import MAX_FIELD_PIXELS, ImageError, load_rgb, to_rgb
 
@@ -123,8 +126,6 @@ def smear_from_array(img: np.ndarray, um_per_px: float | None = None, name: str 
 
 def tiff_um_per_px(path: str | os.PathLike) -> float | None:
     """µm/px from a TIFF's XResolution/ResolutionUnit (inch or centimetre), else None."""
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
@@ -152,8 +153,6 @@ def tiff_um_per_px(path: str | os.PathLike) -> float | None:
 
 
 def _pil_um_per_px(path: Path) -> float | None:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             dpi = im.info.get("dpi")
@@ -195,9 +194,6 @@ def open_smear(path: str | os.PathLike, max_whole_pixels: int | None = None) -> 
 
 
 def _open_tiff(path: Path, max_whole_pixels: int) -> Smear:
-    import tifffile
-    import zarr
-
     with tifffile.TiffFile(path) as tif:
         if not tif.pages:
             raise ImageError(path, "TIFF has no image pages")
@@ -228,8 +224,6 @@ def _open_tiff(path: Path, max_whole_pixels: int) -> Smear:
 
 
 def _has_levels(path: Path) -> bool:
-    import tifffile
-
     with tifffile.TiffFile(path) as tif:
         return len(tif.series[0].levels) > 1
 

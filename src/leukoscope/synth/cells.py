@@ -26,14 +26,19 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
+import tifffile
+from tqdm import tqdm
 
 from leukoscope import taxonomy
 from leukoscope.imaging.scale import LMU_UM_PER_PX
+from leukoscope.io import atomic_path, atomic_write_csv, atomic_write_text
 from leukoscope.synth import _draw as D
 from leukoscope.synth.field import Look, render_field, sample_look
 
@@ -443,10 +448,6 @@ def cell_seed(seed: int, cls: str, index: int) -> int:
 
 
 def _write_one(job) -> str:
-    import tifffile
-
-    from leukoscope.io import atomic_path
-
     cls, seed, size, path, lab = job
     img = make_cell(cls, seed, size, lab=lab)
     with atomic_path(path) as tmp:
@@ -471,8 +472,6 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
     (unknown, as in many labs' exports); the cells of lab B are other draws than lab A's
     (the lab's name enters the seeds).
     """
-    from leukoscope.io import atomic_write_text
-
     classes = [taxonomy.check_class(c) for c in classes]
     if len(set(classes)) != len(classes):
         raise ValueError(f"classes listed twice: {sorted({c for c in classes if classes.count(c) > 1})}")
@@ -493,18 +492,12 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
             jobs.append((cls, cell_seed(seed, cls, i), size, out / name, lab))
     show = len(jobs) > 200 if progress is None else progress
     if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(max_workers=workers) as pool:
             it = pool.map(_write_one, jobs, chunksize=8)
             _consume(it, len(jobs), show)
     else:
         _consume(map(_write_one, jobs), len(jobs), show)
     if lab.name != "A":
-        import pandas as pd
-
-        from leukoscope.io import atomic_write_csv
-
         atomic_write_csv(pd.DataFrame({"path": [n for n, _ in rel], "label": [c for _, c in rel],
                                        "source": f"synth_lab_{lab.name}", "um_per_px": ""}), out / "labels.csv")
         return out
@@ -517,8 +510,6 @@ def write_cells(out_dir: str | os.PathLike, per_class: int, seed: int = 0, size:
 
 def _consume(it, total: int, show: bool) -> None:
     if show:
-        from tqdm import tqdm
-
         it = tqdm(it, total=total, unit="cell", desc="synth cells")
     for _ in it:
         pass

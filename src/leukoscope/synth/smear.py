@@ -19,9 +19,12 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import tifffile
+from PIL import Image
 
 from leukoscope import taxonomy
 from leukoscope.imaging.scale import LMU_UM_PER_PX
+from leukoscope.io import atomic_path, atomic_write_csv
 from leukoscope.synth.cells import draw_leukocyte
 from leukoscope.synth.field import render_field, sample_look
 
@@ -118,8 +121,6 @@ def write_smear(path: str | os.PathLike, width: int = 2000, height: int = 2000,
     A TIFF records its scale as resolution in pixels per centimetre (``1e4 / um_per_px``),
     a PNG as dots per inch, so readers can recover µm/px. Returns ``(image_path, truth_path)``.
     """
-    from leukoscope.io import atomic_path, atomic_write_csv
-
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SMEAR_SUFFIXES:
@@ -127,13 +128,9 @@ def write_smear(path: str | os.PathLike, width: int = 2000, height: int = 2000,
     image, truth = make_smear(width, height, n_leukocytes, seed, um_per_px, classes)
     with atomic_path(path) as tmp:
         if suffix == ".png":
-            from PIL import Image
-
             dpi = 25400.0 / um_per_px
             Image.fromarray(image).save(tmp, format="PNG", dpi=(dpi, dpi), compress_level=1)
         else:
-            import tifffile
-
             res = 1e4 / um_per_px
             tifffile.imwrite(tmp, image, photometric="rgb", resolution=(res, res), resolutionunit="CENTIMETER")
     truth_path = path.with_name(f"{path.stem}_truth.csv")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.models.pipeline import prepare_image
@@ -63,8 +65,6 @@ def build_cache(table: pd.DataFrame, input_size: int, model_um_per_px: float | N
 
     Images that fail to decode are left out and listed in ``errors`` (path, reason).
     """
-    import torch
-
     paths = [str(p) for p in table["path"]]
     ums = table["um_per_px"].tolist() if "um_per_px" in table else [None] * len(paths)
     out = np.empty((len(paths), input_size, input_size, 3), dtype=np.uint8)
@@ -85,8 +85,6 @@ def build_cache(table: pd.DataFrame, input_size: int, model_um_per_px: float | N
     n_workers = workers or _default_workers()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(paths), desc=f"decoding at {input_size}px", unit="img", leave=False)
     with ThreadPoolExecutor(max_workers=n_workers) as ex:
         for i, err in ex.map(work, it):

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,9 +36,6 @@ def dist_info(env=None) -> DistInfo:
 
 def init_distributed(info: DistInfo | None = None, backend: str | None = None) -> DistInfo:
     """Initialise the process group when ``WORLD_SIZE`` > 1 (nccl with CUDA, else gloo)."""
-    import torch
-    import torch.distributed as dist
-
     info = info or dist_info()
     if info.enabled and not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
@@ -47,8 +47,6 @@ def init_distributed(info: DistInfo | None = None, backend: str | None = None) -
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.barrier()
 
@@ -61,16 +59,12 @@ def broadcast_buffers(model, info: DistInfo) -> None:
     stopping) on different models.
     """
     if info.enabled:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             for buf in model.buffers():
                 dist.broadcast(buf.data, src=0)
 
 
 def pick_device(info: DistInfo, device: str = "auto") -> str:
-    import torch
-
     if device != "auto":
         return device
     if torch.cuda.is_available():
