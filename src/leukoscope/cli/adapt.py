@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, metavar="N",
                    help=f"images drawn per class per epoch, spread over lab and replay (default "
                         f"{ADAPT_DEFAULTS['per_class']})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate of the head (default {ADAPT_DEFAULTS['lr']}; the "
-                                            f"body's is x{ADAPT_DEFAULTS['body_lr_scale']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {ADAPT_DEFAULTS['lr']}; the first epoch "
+                                            "trains the classifier alone)")
     p.add_argument("--seed", type=int, default=0, help="random seed (K draw, replay sample, validation split)")
     p.add_argument("--threads", help="CPU threads: auto or a number")
     p.add_argument("--device", help="cpu, cuda (default: auto)")

@@ -57,8 +57,11 @@ from leukoscope.train.trainer import Trainer
 
 #: Defaults of a labelled adaptation, sized for K = 10 cells per class in well under 5 minutes on
 #: 2 CPU cores: 8 epochs of 40 images per class (half lab, half replay) are a few hundred steps.
-ADAPT_DEFAULTS = dict(epochs=8, per_class=40, batch_size=32, lr=1e-3, warmup_epochs=0.5, head_warmup_epochs=1,
-                      body_lr_scale=0.5, freeze_bn=False, val_fraction=0.2, patience=1000)
+#: One epoch trains the grown head alone; then the whole network at lr 3e-3 (on the demo's lab B,
+#: measured: 0.74 accuracy after K = 10 against 0.53 with lr 1e-3 and the body at 0.5x, the first
+#: lab's accuracy 0.77 against 0.79). BatchNorm statistics follow the lab (not frozen).
+ADAPT_DEFAULTS = dict(epochs=8, per_class=40, batch_size=32, lr=3e-3, warmup_epochs=0.5, head_warmup_epochs=1,
+                      body_lr_scale=1.0, freeze_bn=False, val_fraction=0.2, patience=1000)
 #: Replayed cells of the parent's training data per class (class-stratified sample).
 REPLAY_PER_CLASS = 50
 #: ``source`` given to lab cells whose table has none.
