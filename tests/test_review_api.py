@@ -187,7 +187,7 @@ def test_cli_help_lists_the_keys(capsys):
 
 
 def test_cli_serving_beyond_loopback_prints_a_token_once_and_requires_it(run, tmp_path, capsys, monkeypatch):
-    from leukoscope.review import app as app_mod
+    from leukoscope.cli import review as review_cli
     from review_helpers import free_port
 
     seen = []
@@ -202,7 +202,7 @@ def test_cli_serving_beyond_loopback_prints_a_token_once_and_requires_it(run, tm
         seen.append(printed)
         return printed.out.split("?token=")[1].split()[0] if "?token=" in printed.out else "none"
 
-    monkeypatch.setattr(app_mod, "serve", fake_serve)
+    monkeypatch.setattr(review_cli, "serve", fake_serve)  # the name the command calls
     out = copy_run(run, tmp_path)
     port = free_port()
     assert main(["review", str(out), "--host", "0.0.0.0", "--allow-remote", "--port", str(port)]) == 0

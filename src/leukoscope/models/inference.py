@@ -30,11 +30,11 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.models.export import onnx_bytes
+from leukoscope.models.heads import classifier_layer
 from leukoscope.models.pipeline import dihedral_views, normalize
 from leukoscope.models.precision import DEFAULT_BF16_GUARD, autocast_context, top2_margin
 from leukoscope.models.registry import get_config
@@ -110,17 +110,6 @@ def prepare_batch(bundle, images, um_per_px=None) -> np.ndarray:
 # --------------------------------------------------------------------------- the forward pass
 
 
-def _last_linear(model) -> nn.Linear:
-    """The model's last ``nn.Linear``: its input is the penultimate feature vector."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError("the model has no Linear layer: cannot take penultimate features")
-    return last
-
-
 def _run(model, xb, *, device, bf16: bool, channels_last: bool, feats: list | None):
     """Logits (float32, CPU) of one normalised batch; appends its penultimate features to ``feats``."""
     xb = xb.to(device)
@@ -128,7 +117,7 @@ def _run(model, xb, *, device, bf16: bool, channels_last: bool, feats: list | No
         xb = xb.contiguous(memory_format=torch.channels_last)
     hook = None
     if feats is not None:
-        hook = _last_linear(model).register_forward_hook(
+        hook = classifier_layer(model).register_forward_hook(
             lambda m, inp, out: feats.append(inp[0].detach().float().flatten(1).cpu()))
     try:
         with autocast_context(device, bf16):
@@ -169,7 +158,7 @@ def _session(model, example: torch.Tensor):
     version = _weights_version(model)
     if model not in _SESSIONS or _SESSIONS[model][2] != version:
         try:
-            head = _last_linear(model)
+            head = classifier_layer(model)
         except ValueError:
             head = None
         so = ort.SessionOptions()
