@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from leukoscope.cli.train import add_train_options, config_and_data, print_models
+from leukoscope.cli.train import add_train_options, config_and_data
 from leukoscope.train.cv import cross_validate
 
 NAME = "cv"
@@ -27,10 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list_models:
-        print_models()
+    parsed = config_and_data(args)
+    if parsed is None:  # --list-models
         return 0
-    cfg, ds = config_and_data(args)
+    cfg, ds = parsed
     t0 = time.time()
     res = cross_validate(ds, args.out, cfg, folds=args.folds, split=args.split, progress=not args.no_progress)
     s = res.summary

@@ -75,7 +75,11 @@ def print_models() -> None:
 
 
 def config_and_data(args: argparse.Namespace):
-    """(effective config, dataset) of a train/cv command line, printing what the reader skipped."""
+    """(effective config, dataset) of a train/cv command line, printing what the reader skipped;
+    ``None`` after printing the models and presets for ``--list-models``."""
+    if args.list_models:
+        print_models()
+        return None
     if not args.data or not args.out:
         raise ValueError("give the dataset DATA and --out RUN (or --list-models)")
     cfg = config_from_args(args)
@@ -107,10 +111,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list_models:
-        print_models()
+    parsed = config_and_data(args)
+    if parsed is None:
         return 0
-    cfg, ds = config_and_data(args)
+    cfg, ds = parsed
     table = ds.table
     if args.split is not None or args.fold is not None:
         if args.split is None or args.fold is None:

@@ -18,14 +18,14 @@ the weights a model started from.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from leukoscope.io import file_sha256
 
 #: Preprocessing of Google's EfficientNet-Lite checkpoints: inputs scaled to [-1, 1].
 LITE_MEAN = (0.5, 0.5, 0.5)
@@ -117,21 +117,6 @@ def weights_path(source: WeightsSource) -> Path:
         raise PretrainedWeightsError(f"package {source.package!r} is installed but has no {source.file!r} "
                                      f"(looked for {path}); reinstall it: `{source.install_command()}`")
     return path
-
-
-@lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file (cached per path, size and modification time)."""
-    st = os.stat(path)
-    return _sha256(os.fspath(path), st.st_size, st.st_mtime_ns)
 
 
 def verified_path(source: WeightsSource) -> Path:

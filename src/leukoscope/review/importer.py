@@ -29,6 +29,7 @@ from PIL import Image
 
 from leukoscope import __version__, taxonomy
 from leukoscope.imaging.images import ImageError, load_rgb
+from leukoscope.io import file_sha256
 from leukoscope.models.bundle import read_meta
 from leukoscope.screen.count import UNIDENTIFIED
 from leukoscope.screen.crops import cell_crop
@@ -61,14 +62,6 @@ def png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def run_kind(path: str | os.PathLike) -> str:
@@ -251,7 +244,7 @@ def build_database(source: str | os.PathLike, db_path: str | os.PathLike, *, mod
     model_file = Path(model) if model else (Path(run["model"]["file"]) if run["model"].get("file") else None)
     if model is not None and not model_file.is_file():
         raise ReviewInputError(f"{model_file}: model file not found")
-    sha = sha256_file(model_file) if model_file is not None and model_file.is_file() else None
+    sha = file_sha256(model_file) if model_file is not None and model_file.is_file() else None
     model_name = run["model"].get("name")
     if model_file is not None and model_file.is_file() and not model_name:
 
