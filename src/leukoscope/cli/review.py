@@ -22,7 +22,7 @@ Serve the review station (a local web application) over a run:
   leukoscope review export DB --out DIR   the signed differential: differential.csv/.json + report.html
   leukoscope review export-labels DB --out DIR
                                           the reviewed cells as a labelled dataset (PNG crops + labels.csv)
-                                          that 'leukoscope train' and 'evaluate' read
+                                          that 'leukoscope train', 'evaluate' and 'adapt' read
 
 The first run creates PATH/review.sqlite (or --db FILE) with every cell's crop cut from the original
 smear at its native resolution; later runs reopen it (a database of another run is refused). Every
