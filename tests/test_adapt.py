@@ -239,7 +239,7 @@ def test_pretrained_run_records_its_weights_and_uses_their_normalisation(labs, t
 def test_pretrained_preset_and_schedule_defaults():
     c = preset("pretrained")
     assert (c.model, c.pretrained, c.head_warmup_epochs, c.body_lr_scale, c.freeze_bn) == \
-        ("efficientnet_lite0", True, 1, 0.3, False)
+        ("mobilenet_v2", True, 1, 0.3, False)
     assert 160 <= c.input_size <= 224 and c.white_balance and c.scale == "estimate"
     assert preset("robust", model="mobilenet_v2", pretrained=True, body_lr_scale=1.0).body_lr_scale == 1.0
     assert preset("robust").head_warmup_epochs == 0
