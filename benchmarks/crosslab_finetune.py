@@ -246,35 +246,58 @@ def _ms(v) -> str:
 
 
 def report(rows: list[dict]) -> str:
-    """Markdown tables of the job records: LOLO, in-domain, adaptation, selection score, wall times."""
+    """Markdown tables of the job records: per variant LOLO (with held-out PBC), adaptation, the
+    selection score (only over all labs that finished both protocols) and wall times; then the
+    per-class zero-shot errors of the variant with the best score (else the first variant)."""
     df = pd.DataFrame(rows)
     if df.empty:
         return "no results\n"
-    lines = []
+    lines, scores_ = [], {}
     for v, g in df.groupby("variant", sort=False):
         lolo = g[g["protocol"] == "lolo"]
-        lines += [f"### Variant {v}", "", "| lab | n | accuracy | balanced accuracy | unknown-class cells | train s |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"### Variant {v}", "", "Leave-one-lab-out zero-shot (classes the model knows), held-out PBC of "
+                  "the same model:", "", "| lab | n | accuracy | balanced accuracy | unknown-class cells "
+                  "| held-out PBC bal. acc | train s |", "|---|---|---|---|---|---|---|"]
         for r in lolo.itertuples():
-            z = r.zero_shot
+            z, h = r.zero_shot, getattr(r, "heldout_pbc", None)
+            h = f"{h['balanced_accuracy']:.3f}" if isinstance(h, dict) else "–"
             lines.append(f"| {r.lab} | {z['n']} | {z['accuracy']:.3f} | {z['balanced_accuracy']:.3f} "
-                         f"| {z['n_unknown_class']} | {r.seconds_train:.0f} |")
-        hp = [r["balanced_accuracy"] for r in g.get("heldout_pbc", pd.Series(dtype=object)).dropna()]
-        lines += ["", f"Held-out PBC balanced accuracy of the models that include PBC: {_ms(hp)} (n = {len(hp)})"]
+                         f"| {z['n_unknown_class']} | {h} | {r.seconds_train:.0f} |")
+        hp = [x["balanced_accuracy"] for x in lolo.get("heldout_pbc", pd.Series(dtype=object)) if isinstance(x, dict)]
+        lines += ["", f"Held-out PBC balanced accuracy of the LOLO models that include PBC: {_ms(hp)} (n = {len(hp)})"]
+        for r in g[g["protocol"] == "indomain"].itertuples():
+            lines.append(f"; PBC-alone model: {r.heldout_pbc['balanced_accuracy']:.3f} "
+                         f"(accuracy {r.heldout_pbc['accuracy']:.3f}, train {r.seconds_train:.0f} s)")
         ad = g[g["protocol"] == "adapt"]
         if len(ad):
             ad = ad.assign(acc=[a["accuracy"] for a in ad["adapted"]],
                            bacc=[a["balanced_accuracy"] for a in ad["adapted"]])
-            lines += ["", "| lab | K | draws | n shots | accuracy | balanced accuracy | adapt s |", "|---|---|---|---|---|---|---|"]
-            for (lab, k), a in ad.groupby(["lab", "k"], sort=False):
-                lines.append(f"| {lab} | {k} | {len(a)} | {a['n_shots'].mean():.0f} | {_ms(a['acc'])} | {_ms(a['bacc'])} "
+            lines += ["", "Adaptation (`adapt`, K cells per class of the lab), scored on the lab's other cells:", "",
+                      "| lab | K | draws | shots | scored | accuracy | balanced accuracy | adapt s (mean) |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for (lab, k), a in ad.sort_values(["lab", "k"]).groupby(["lab", "k"], sort=False):
+                lines.append(f"| {lab} | {k} | {len(a)} | {a['n_shots'].mean():.0f} "
+                             f"| {np.mean([x['n'] for x in a['adapted']]):.0f} | {_ms(a['acc'])} | {_ms(a['bacc'])} "
                              f"| {a['seconds_adapt'].mean():.0f} |")
-        if len(lolo) and len(ad):
-            zero = np.mean([z["balanced_accuracy"] for z in lolo["zero_shot"]])
             k10 = ad[ad["k"] == 10].groupby("lab")["acc"].mean()
-            lines += ["", f"Selection score: LOLO bal. acc mean over {len(lolo)} labs {zero:.3f}; K = 10 acc mean over "
-                      f"{len(k10)} labs {k10.mean():.3f}; score {(zero + k10.mean()) / 2:.3f}"]
+            zero = lolo.set_index("lab")["zero_shot"].map(lambda z: z["balanced_accuracy"])
+            both = sorted(set(k10.index) & set(zero.index))
+            if both:
+                sc = (zero[both].mean() + k10[both].mean()) / 2
+                lines += ["", f"Selection score over the {len(both)} labs with both protocols ({', '.join(both)}): "
+                          f"LOLO bal. acc {zero[both].mean():.3f}, K = 10 acc {k10[both].mean():.3f}, "
+                          f"**score {sc:.3f}**" + ("" if len(both) == 5 else " (incomplete: not comparable by the rule)")]
+                if len(both) == 5:
+                    scores_[v] = sc
         lines.append("")
+    best = max(scores_, key=scores_.get) if scores_ else df["variant"].iloc[0]
+    lolo = df[(df["variant"] == best) & (df["protocol"] == "lolo")]
+    lines += [f"### Per-class errors of variant {best}, zero-shot on each lab", "",
+              "| lab | class | n | recall | most frequent wrong answer (share of the class) |", "|---|---|---|---|---|"]
+    for r in lolo.itertuples():
+        for c in r.zero_shot["per_class"]:
+            wrong = f"{c['top_error']} ({c['top_error_share']:.2f})" if c["top_error"] else "–"
+            lines.append(f"| {r.lab} | {c['class']} | {c['n']} | {c['recall']:.3f} | {wrong} |")
     return "\n".join(lines) + "\n"
 
 
