@@ -131,9 +131,8 @@ def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
     assert res["ways"]["ours_fp32"]["agree_naive"] == 1.0
 
 
-@pytest.mark.slow
-def test_crosslab_quick_on_user_labs(tmp_path):
-    """benchmarks/crosslab.py on labs given as --lab name=PATH: every protocol's table and the selection score."""
+def _two_synthetic_labs(tmp_path) -> None:
+    """Labs ``a`` and ``b`` under ``tmp_path``: 4 synthetic LYT and 4 NGS cells each (other seeds in b)."""
     from PIL import Image
 
     from leukoscope.synth import make_cell
@@ -144,6 +143,12 @@ def test_crosslab_quick_on_user_labs(tmp_path):
             for i in range(4):
                 Image.fromarray(make_cell(c, seed=seed + i + (50 if c == "NGS" else 0), size=48)).save(
                     tmp_path / lab / c / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_crosslab_quick_on_user_labs(tmp_path):
+    """benchmarks/crosslab.py on labs given as --lab name=PATH: every protocol's table and the selection score."""
+    _two_synthetic_labs(tmp_path)
     out = tmp_path / "out"
     _run([BENCH / "crosslab.py", "--quick", "--lab", f"a={tmp_path / 'a'}", "--lab", f"b={tmp_path / 'b'}",
           "--in-domain-lab", "a", "--out", out], tmp_path)
@@ -160,16 +165,7 @@ def test_crosslab_quick_on_user_labs(tmp_path):
 def test_crosslab_finetune_quick_on_user_labs(tmp_path):
     """benchmarks/crosslab_finetune.py on two synthetic labs: a multi-lab LOLO model per lab, scored
     zero-shot, then `adapt` with K cells per class scored on the lab's other cells; the report's tables."""
-    from PIL import Image
-
-    from leukoscope.synth import make_cell
-
-    for lab, seed in (("a", 0), ("b", 500)):
-        for c in ("LYT", "NGS"):
-            (tmp_path / lab / c).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(make_cell(c, seed=seed + i + (50 if c == "NGS" else 0), size=48)).save(
-                    tmp_path / lab / c / f"{i}.png")
+    _two_synthetic_labs(tmp_path)
     out = tmp_path / "out"
     _run([BENCH / "crosslab_finetune.py", "--quick", "--variants", "S", "--lab", f"a={tmp_path / 'a'}",
           "--lab", f"b={tmp_path / 'b'}", "--out", out], tmp_path, timeout=600)
