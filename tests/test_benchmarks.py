@@ -131,9 +131,8 @@ def test_trained_fixture_and_predict_benchmark_on_a_trained_bundle(tmp_path):
     assert res["ways"]["ours_fp32"]["agree_naive"] == 1.0
 
 
-@pytest.mark.slow
-def test_crosslab_quick_on_user_labs(tmp_path):
-    """benchmarks/crosslab.py on labs given as --lab name=PATH: every protocol's table and the selection score."""
+def _two_synthetic_labs(tmp_path) -> None:
+    """Labs ``a`` and ``b`` under ``tmp_path``: 4 synthetic LYT and 4 NGS cells each (other seeds in b)."""
     from PIL import Image
 
     from leukoscope.synth import make_cell
@@ -144,6 +143,12 @@ def test_crosslab_quick_on_user_labs(tmp_path):
             for i in range(4):
                 Image.fromarray(make_cell(c, seed=seed + i + (50 if c == "NGS" else 0), size=48)).save(
                     tmp_path / lab / c / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_crosslab_quick_on_user_labs(tmp_path):
+    """benchmarks/crosslab.py on labs given as --lab name=PATH: every protocol's table and the selection score."""
+    _two_synthetic_labs(tmp_path)
     out = tmp_path / "out"
     _run([BENCH / "crosslab.py", "--quick", "--lab", f"a={tmp_path / 'a'}", "--lab", f"b={tmp_path / 'b'}",
           "--in-domain-lab", "a", "--out", out], tmp_path)
@@ -154,3 +159,22 @@ def test_crosslab_quick_on_user_labs(tmp_path):
     assert 0 <= v["selection"]["score"] <= 1 and v["in_domain"]["n"] == 2
     md = (out.parent / "out_quick" / "results.md").read_text()
     assert "Leave-one-lab-out" in md and "Per-class errors of the selected variant" in md
+
+
+@pytest.mark.slow
+def test_crosslab_finetune_quick_on_user_labs(tmp_path):
+    """benchmarks/crosslab_finetune.py on two synthetic labs: a multi-lab LOLO model per lab, scored
+    zero-shot, then `adapt` with K cells per class scored on the lab's other cells; the report's tables."""
+    _two_synthetic_labs(tmp_path)
+    out = tmp_path / "out"
+    _run([BENCH / "crosslab_finetune.py", "--quick", "--variants", "S", "--lab", f"a={tmp_path / 'a'}",
+          "--lab", f"b={tmp_path / 'b'}", "--out", out], tmp_path, timeout=600)
+    jobs = json.loads((out.parent / "out_quick" / "results.json").read_text())["jobs"]
+    assert [j["key"] for j in jobs] == ["S/lolo/a/k0/d0", "S/adapt/a/k2/d0", "S/lolo/b/k0/d0", "S/adapt/b/k2/d0"]
+    lolo_a, adapt_a = jobs[0], jobs[1]
+    assert lolo_a["zero_shot"]["n"] == 8 and {c["class"] for c in lolo_a["zero_shot"]["per_class"]} == {"LYT", "NGS"}
+    assert adapt_a["n_shots"] == 4 and adapt_a["k_per_class"] == {"LYT": 2, "NGS": 2}
+    assert adapt_a["adapted"]["n"] == 4 and 0 <= adapt_a["adapted"]["accuracy"] <= 1
+    assert adapt_a["seconds_adapt"] > 0 and lolo_a["seconds_train"] > 0
+    md = (out.parent / "out_quick" / "results.md").read_text()
+    assert "Selection score over the 2 labs" in md and "Per-class errors of variant S" in md
