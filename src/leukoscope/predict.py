@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from leukoscope.data.readers import iter_image_paths
+from leukoscope.data.readers import as_path_list, iter_image_paths
 from leukoscope.evaluate.predictions import predictions_table
-from leukoscope.imaging.scale_policy import ScalePolicy
+from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.models.inference import prepare_many
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
@@ -68,22 +68,23 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return iter_image_paths(inputs)
 
 
-def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float | str | None = None,
+def predict_paths(bundle, inputs: str | os.PathLike | Iterable[str | os.PathLike], um_per_px: float | str | None = None,
                   batch_size: int = 64, calibrated: bool = True, progress: bool = False,
                   chunk: int = 512, tta: bool = False) -> PredictResult:
-    """Predict every image under ``inputs`` (files or folders) with ``bundle``.
+    """Predict every image under ``inputs`` (one path, or a list of files or folders) with ``bundle``.
 
     ``um_per_px`` is the scale of the input images when known (then they are resampled to
-    the model's scale); ``"estimate"`` measures it from the red cells, pooled per input
+    the model's scale; an implausible value raises ``ValueError``, see
+    :func:`~leukoscope.imaging.scale_policy.check_um_per_px`); ``"estimate"`` measures it from the red cells, pooled per input
     (:func:`estimate_input_scale`), which is also the default for a model trained on estimated
     scales (``training_scale.scale == "estimate"``); otherwise each image is resized to the model
     input. ``tta``: probabilities averaged over the 8 rotations by 90° and mirror images of each
     image (:meth:`~leukoscope.models.bundle.ModelBundle.predict_proba`).
     """
-    inputs = list(inputs)
+    inputs = as_path_list(inputs)
+    if um_per_px is not None and not (isinstance(um_per_px, str) and um_per_px == "estimate"):
+        um_per_px = check_um_per_px(um_per_px, "predict_paths(um_per_px=...) (a number, 'estimate' or None)")
     paths = expand_inputs(inputs)
-    if isinstance(um_per_px, str) and um_per_px != "estimate":
-        raise ValueError(f"um_per_px must be a number, 'estimate' or None, got {um_per_px!r}")
     estimate = um_per_px == "estimate" or (um_per_px is None and _trained_on_estimated_scale(bundle))
     policy = ScalePolicy(given=None if isinstance(um_per_px, str) else um_per_px,
                          estimate="group" if estimate else "off")

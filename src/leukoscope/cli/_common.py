@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import fields
 
+from leukoscope.imaging.scale_policy import check_um_per_px
 from leukoscope.io import _json_default, atomic_write_json
 from leukoscope.train.config import FLAT, GROUPS, TrainConfig, setting_field
 
@@ -20,6 +21,14 @@ _GROUP_TITLES = {"arch": "model", "optim": "schedule (epochs, batches, learning 
 def add_label_map(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-map", metavar="FILE",
                    help="CSV (source_label,label) or JSON mapping the dataset's own labels to LMU classes")
+
+
+def um_per_px_arg(v: str) -> float:
+    """argparse ``type`` of every ``--um-per-px``: the one validator's check, as a usage error."""
+    try:
+        return check_um_per_px(v, "--um-per-px")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_json_out(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""``leukoscope adapt MODEL LAB_DATA --out RUN [--replay DATA] [--k N] [--unlabelled]``."""
+"""``leukoscope adapt MODEL LAB_DATA --out RUN [--replay DATA] [--k N] [--unlabelled] [--um-per-px X]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 import pandas as pd
 
-from leukoscope.cli._common import add_label_map
+from leukoscope.cli._common import add_label_map, um_per_px_arg
 from leukoscope.data import read_dataset
 from leukoscope.data.readers import iter_image_paths
 from leukoscope.train.adapt import ADAPT_DEFAULTS, REPLAY_PER_CLASS, adapt
@@ -21,8 +21,8 @@ DESCRIPTION = (
     "guarded against (a warning says so). The lab may bring classes the model never saw: they get new classifier "
     "rows and the old classes keep theirs. --k N uses at most N cells per class of the lab (seeded; the counts "
     "used are printed and recorded). The temperature and the out-of-distribution reference are re-fitted on the "
-    "lab's cells only (validation cells are never drawn from the replay); the lab's µm/px follows the parent's "
-    "scale mode. The bundle records its lineage (parent SHA-256, the lab data's fingerprint, K per class, replay).\n"
+    "lab's cells only (validation cells are never drawn from the replay); the lab's µm/px is --um-per-px when "
+    "given, else the data's own, else follows the parent's scale mode. The bundle records its lineage (parent SHA-256, the lab data's fingerprint, K per class, replay).\n"
     "--unlabelled: LAB_DATA is a folder of the lab's images (labels not needed); every BatchNorm layer's running "
     "statistics are re-estimated on them (AdaBN), prepared as for prediction; the weights are otherwise unchanged.\n"
     "Typical: leukoscope adapt runs/pbc/model.safetensors review_export --replay ../shared/data/pbc --k 10 "
@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{ADAPT_DEFAULTS['per_class']})")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {ADAPT_DEFAULTS['lr']}; the first epoch "
                                             "trains the classifier alone)")
+    p.add_argument("--um-per-px", type=um_per_px_arg, metavar="X",
+                   help="µm per pixel of every lab image, when known (overrides the lab data's own um_per_px; "
+                        "default: the data's, else the parent's scale mode, e.g. estimated from the red cells)")
     p.add_argument("--seed", type=int, default=0, help="random seed (K draw, replay sample, validation split)")
     p.add_argument("--threads", help="CPU threads: auto or a number")
     p.add_argument("--device", help="cpu, cuda (default: auto)")
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("threads", args.threads), ("device", args.device)) if v is not None}
     res = adapt(args.model, lab, args.out, replay_table=replay, replay_per_class=args.replay_per_class,
                 k_per_class=args.k, seed=args.seed, epochs=args.epochs, per_class=args.per_class, lr=args.lr,
-                unlabelled=args.unlabelled, overrides=overrides, progress=not args.no_progress)
+                unlabelled=args.unlabelled, um_per_px=args.um_per_px, overrides=overrides, progress=not args.no_progress)
     lin = res.lineage
     if lin["mode"] == "labelled":
         print(f"{res.bundle_path}: {len(res.meta['classes'])} classes ({', '.join(res.meta['classes'])}); lab cells "

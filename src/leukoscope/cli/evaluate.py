@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from leukoscope.cli._common import add_label_map, fmt
+from leukoscope.cli._common import add_label_map, fmt, um_per_px_arg
 from leukoscope.data import fold_tables, read_dataset
 from leukoscope.evaluate.external import evaluate_sets, write_outputs
 from leukoscope.models.bundle import load_bundle, read_meta
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-by", choices=("source", "folder"), default="source",
                    help="group rows by the table's source column (default) or by each image's parent folder "
                         "(external_wbc: images/<source>/)")
-    p.add_argument("--um-per-px", type=float, metavar="X", help="µm/px of every input image (overrides the data)")
+    p.add_argument("--um-per-px", type=um_per_px_arg, metavar="X", help="µm/px of every input image (overrides the data)")
     p.add_argument("--estimate-scale", choices=("group", "image", "off"), default="group",
                    help="where µm/px is unknown: estimate per group from red cells (default), per image, or not "
                         "at all (resize)")

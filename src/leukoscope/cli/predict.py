@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from leukoscope.cli._common import um_per_px_arg
 from leukoscope.io import atomic_write_csv
 from leukoscope.models import load_bundle
 from leukoscope.predict import predict_paths
@@ -38,10 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _um_arg(v: str):
     if v == "estimate":
         return v
-    try:
-        return float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of µm per pixel or 'estimate', got {v!r}") from None
+    return um_per_px_arg(v)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,25 +34,33 @@ usable image: ``path`` (absolute), ``label`` (a class of
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
+import posixpath
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from leukoscope import taxonomy
-from leukoscope.imaging.images import IMAGE_SUFFIXES, ImageError, image_size, is_image_file, load_rgb
+from leukoscope.imaging.images import IMAGE_SUFFIXES, ImageError, image_size, is_image_file, load_rgb, stored_mode
 from leukoscope.imaging.scale import LMU_FIELD_UM, LMU_UM_PER_PX
+from leukoscope.imaging.scale_policy import check_um_per_px
 
 ANNOTATIONS_NAME = "annotations.dat"
 MANIFEST_NAMES = ("labels.csv", "manifest.csv")
 TABLE_COLUMNS = ["path", "label", "patient", "source", "um_per_px"]
+
+
+class DataError(ValueError):
+    """A dataset file (annotations.dat, a manifest) that cannot be read as one; the message names the
+    file (and the line, where there is one) and the problem."""
 
 
 @dataclass
@@ -151,6 +159,16 @@ def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     return df[cols].sort_values("path", kind="stable").reset_index(drop=True)
 
 
+def _stated_um_per_px(value, what: str) -> float:
+    """A manifest cell's µm/px: blank -> NaN (unknown); otherwise checked by the one validator."""
+    if value is None or not str(value).strip():
+        return np.nan
+    try:
+        return check_um_per_px(str(value).strip(), what)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+
+
 def _resolve_label(raw: str, label_map: Mapping[str, str] | None) -> str:
     raw = (raw or "").strip()
     if label_map is not None and raw in label_map:
@@ -218,8 +236,8 @@ def detect_layout(path: str | os.PathLike) -> str:
     others = [r.name for r in registered_readers() if r.name not in _BUILT_IN]
     also = f"; registered layouts: {', '.join(others)}" if others else ""
     if path.is_file():
-        raise ValueError(f"{path}: not a dataset (expected a folder, annotations.dat or a CSV manifest{also})")
-    raise ValueError(
+        raise DataError(f"{path}: not a dataset (expected a folder, annotations.dat or a CSV manifest{also})")
+    raise DataError(
         f"{path}: no dataset found (no {ANNOTATIONS_NAME}, no labels.csv manifest, no class folders{also})"
     )
 
@@ -244,34 +262,73 @@ def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
 
     ``nan`` marks an image that was not re-annotated and stays the string ``"nan"``;
     ``UNC`` marks one the examiner could not assign. Malformed lines raise a
-    ``ValueError`` naming the file and line.
+    :class:`DataError` naming the file and line.
+
+    An image listed more than once (paths compared after normalisation, ``./A/x.tiff`` =
+    ``A/x.tiff``): with different labels on its lines the file is refused (a :class:`DataError`
+    naming the image and its line numbers: which label is right cannot be guessed); lines that
+    repeat the same labels are collapsed to the first one, with a ``RuntimeWarning`` naming the
+    lines, and are listed in ``df.attrs["duplicates"]`` (``[{"path", "lines"}]``).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: annotation file not found")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) == 2:
-                parts += [taxonomy.NOT_ANNOTATED, taxonomy.NOT_ANNOTATED]
-            if len(parts) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 'path gold reannotation1 reannotation2', got {line.strip()!r}")
-            rows.append(parts)
+    rows, linenos = [], []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) == 2:
+                    parts += [taxonomy.NOT_ANNOTATED, taxonomy.NOT_ANNOTATED]
+                if len(parts) != 4:
+                    raise DataError(f"{path}:{lineno}: expected 'path gold reannotation1 reannotation2', "
+                                    f"got {line.strip()[:200]!r}")
+                parts[0] = posixpath.normpath(parts[0])
+                rows.append(parts)
+                linenos.append(lineno)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a text file in UTF-8 (byte {exc.start}): not an annotations.dat") from None
     if not rows:
-        raise ValueError(f"{path}: annotation file is empty")
+        raise DataError(f"{path}: annotation file is empty")
     df = pd.DataFrame(rows, columns=["path", "gold", "reannotation1", "reannotation2"])
     bad = sorted(set(df["gold"]) - set(taxonomy.CLASSES))
     if bad:
-        raise ValueError(f"{path}: unknown gold labels {bad}")
+        raise DataError(f"{path}: unknown gold labels {_some(bad)}")
     allowed = set(taxonomy.CLASSES) | {taxonomy.UNCERTAIN, taxonomy.NOT_ANNOTATED}
     for col in ("reannotation1", "reannotation2"):
         badr = sorted(set(df[col]) - allowed)
         if badr:
-            raise ValueError(f"{path}: unknown labels in {col}: {badr}")
+            raise DataError(f"{path}: unknown labels in {col}: {_some(badr)}")
+    df["line"] = linenos
+    dup = df[df["path"].duplicated(keep=False)]
+    conflicts, repeats = [], []
+    for p, g in dup.groupby("path", sort=False):
+        labels = {tuple(r) for r in g[["gold", "reannotation1", "reannotation2"]].itertuples(index=False)}
+        (conflicts if len(labels) > 1 else repeats).append((p, g))
+    if conflicts:
+        listing = "; ".join(
+            f"{p} on lines " + ", ".join(f"{r.line} ({r.gold} {r.reannotation1} {r.reannotation2})"
+                                         for r in g.itertuples(index=False))
+            for p, g in conflicts[:5])
+        more = f" (and {len(conflicts) - 5} more images)" if len(conflicts) > 5 else ""
+        raise DataError(f"{path}: {len(conflicts)} image(s) listed more than once with different labels: "
+                        f"{listing}{more}; keep one line per image")
+    duplicates = [{"path": p, "lines": [int(x) for x in g["line"]]} for p, g in repeats]
+    if duplicates:
+        warnings.warn(f"{path}: {len(duplicates)} image(s) listed more than once with the same labels, e.g. "
+                      f"{duplicates[0]['path']} on lines {duplicates[0]['lines']}; each is used once",
+                      RuntimeWarning, stacklevel=2)
+        df = df[~df["path"].duplicated(keep="first")].reset_index(drop=True)
+    df = df.drop(columns="line")
+    df.attrs["duplicates"] = duplicates
     return df
+
+
+def _some(items: list, n: int = 10) -> str:
+    """At most ``n`` items of a list for a message, with how many more there are."""
+    return str(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
 def read_lmu(root: str | os.PathLike, annotations: str | os.PathLike | None = None) -> CellDataset:
@@ -293,6 +350,9 @@ def read_lmu(root: str | os.PathLike, annotations: str | os.PathLike | None = No
     for rel in sorted(on_disk - listed):
         skipped.append({"path": str(root / rel), "reason": f"image not listed in {ann_path.name}"})
     mismatched = 0
+    for d in ann.attrs.get("duplicates", []):
+        notes.append(f"{d['path']}: listed {len(d['lines'])} times in {ann_path.name} (lines "
+                     f"{', '.join(map(str, d['lines']))}) with the same labels; used once")
 
     for rec in present.itertuples(index=False):
         folder = rec.path.split("/")[0]
@@ -357,7 +417,7 @@ def read_folders(root: str | os.PathLike, label_map: Mapping[str, str] | None = 
                 skipped.append({"path": str(f), "reason": f"folder {d.name!r} is mapped to no class"})
             continue
         if not taxonomy.is_class(label):
-            raise ValueError(
+            raise DataError(
                 f"{d}: unknown label {d.name!r} (folder name); expected one of {', '.join(taxonomy.CLASSES)} "
                 "or give a label map (--label-map) that maps it"
             )
@@ -365,7 +425,7 @@ def read_folders(root: str | os.PathLike, label_map: Mapping[str, str] | None = 
             rows.append({"path": str(f.resolve()), "label": label, "patient": pd.NA,
                          "source": root.name, "um_per_px": np.nan})
     if not rows:
-        raise ValueError(f"{root}: no labelled images found in its class folders")
+        raise DataError(f"{root}: no labelled images found in its class folders")
     return CellDataset(_frame(rows), "folders", root.resolve(), skipped, notes)
 
 
@@ -384,15 +444,23 @@ def read_manifest(path: str | os.PathLike, label_map: Mapping[str, str] | None =
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"{path}: manifest not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not a text file in UTF-8 (byte {exc.start}): not a CSV manifest") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error, ValueError) as exc:
+        raise DataError(f"{path}: not a readable CSV manifest ({str(exc).strip()[:200]})") from None
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: manifest lacks column(s) {missing}; has {list(df.columns)}")
+        raise DataError(f"{path}: manifest lacks column(s) {missing}; has {list(df.columns)}")
     base = path.parent
     skipped, notes, rows, unknown = [], [], [], {}
     n_empty = 0
     extra_cols = [c for c in df.columns if c not in ("path", "label", "patient", "source", "um_per_px")]
+    lines: dict[str, list[tuple[int, dict]]] = {}
     for i, rec in enumerate(df.to_dict("records"), start=2):
+        if not str(rec["path"]).strip() or "\x00" in str(rec["path"]):
+            raise DataError(f"{path} line {i}: {'empty' if not str(rec['path']).strip() else 'invalid'} path")
         p = Path(rec["path"])
         full = p if p.is_absolute() else base / p
         label = _resolve_label(rec["label"], label_map)
@@ -402,19 +470,27 @@ def read_manifest(path: str | os.PathLike, label_map: Mapping[str, str] | None =
         if not taxonomy.is_class(label):
             unknown.setdefault(label, i)
             continue
-        if check_files and not full.exists():
+        try:
+            exists = full.exists()
+            resolved = str(full.resolve())
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise DataError(f"{path} line {i}: unusable path {str(rec['path'])[:100]!r} ({exc.strerror})") from None
+        if check_files and not exists:
             skipped.append({"path": str(full), "reason": f"listed in {path.name} (line {i}) but file not found"})
             continue
-        row = {"path": str(full.resolve()), "label": label,
+        row = {"path": resolved, "label": label,
                "patient": rec.get("patient") or pd.NA,
                "source": rec.get("source") or base.name,
-               "um_per_px": rec.get("um_per_px") or np.nan}
+               "um_per_px": _stated_um_per_px(rec.get("um_per_px"), f"{path} line {i}: um_per_px")}
         for c in extra_cols:
             row[c] = rec[c]
-        rows.append(row)
+        seen = lines.setdefault(row["path"], [])
+        seen.append((i, row))
+        if len(seen) == 1:
+            rows.append(row)
     if unknown:
         listing = ", ".join(f"{lab!r} (line {ln})" for lab, ln in sorted(unknown.items()))
-        raise ValueError(
+        raise DataError(
             f"{path}: unknown label(s) {listing}; expected one of {', '.join(taxonomy.CLASSES)}, "
             "an empty label to skip a row, or a label map (--label-map)"
         )
@@ -422,12 +498,31 @@ def read_manifest(path: str | os.PathLike, label_map: Mapping[str, str] | None =
         notes.append(f"{n_empty} rows with an empty label skipped (no class of the taxonomy)")
     extra = {"manifest": str(path), "n_unlabelled": n_empty}
     if not rows:
-        raise ValueError(f"{path}: no usable labelled images")
-    table = _frame(rows)
-    if table["path"].duplicated().any():
-        dup = table.loc[table["path"].duplicated(), "path"].iloc[0]
-        raise ValueError(f"{path}: image listed more than once, e.g. {dup}")
-    return CellDataset(table, "manifest", base.resolve(), skipped, notes, extra)
+        raise DataError(f"{path}: no usable labelled images")
+    extra["duplicates"] = _manifest_duplicates(path, lines, notes)
+    return CellDataset(_frame(rows), "manifest", base.resolve(), skipped, notes, extra)
+
+
+def _manifest_duplicates(path: Path, lines: dict[str, list[tuple[int, dict]]], notes: list[str]) -> list[dict]:
+    """Images a manifest lists more than once: refused (:class:`DataError` with the line numbers) when
+    the rows differ; identical rows are used once, with a note and a ``RuntimeWarning``."""
+    repeated = {p: seen for p, seen in lines.items() if len(seen) > 1}
+    conflicts = {p: seen for p, seen in repeated.items()
+                 if any(r != seen[0][1] for _, r in seen[1:])}
+    if conflicts:
+        listing = "; ".join(f"{p} on lines " + ", ".join(f"{i} ({r['label']})" for i, r in seen)
+                            for p, seen in list(conflicts.items())[:5])
+        more = f" (and {len(conflicts) - 5} more images)" if len(conflicts) > 5 else ""
+        raise DataError(f"{path}: {len(conflicts)} image(s) listed more than once with different entries: "
+                        f"{listing}{more}; keep one row per image")
+    out = [{"path": p, "lines": [i for i, _ in seen]} for p, seen in repeated.items()]
+    for d in out:
+        notes.append(f"{d['path']}: listed {len(d['lines'])} times in {path.name} (lines "
+                     f"{', '.join(map(str, d['lines']))}) with the same entries; used once")
+    if out:
+        warnings.warn(f"{path}: {len(out)} image(s) listed more than once with the same entries, e.g. "
+                      f"{out[0]['path']} on lines {out[0]['lines']}; each is used once", RuntimeWarning, stacklevel=3)
+    return out
 
 
 # ----------------------------------------------------------------------------- entry
@@ -510,11 +605,8 @@ def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
     for p in iterator:
         try:
             img = load_rgb(p)
-            with Image.open(p) as im:
-                mode = im.mode
-                if mode in ("RGBA", "LA"):
-                    alpha = np.asarray(im.getchannel("A"))
-                    rgba_with_transparency += int((alpha == 0).any())
+            mode, transparent = stored_mode(p)
+            rgba_with_transparency += int(transparent)
         except ImageError as exc:
             ds.skipped.append({"path": exc.path, "reason": exc.reason})
             keep.append(False)
@@ -537,11 +629,30 @@ def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
     return ds
 
 
-def iter_image_paths(inputs: Iterable[str | os.PathLike], *, keep_empty_dirs: bool = False) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of image paths; ``keep_empty_dirs``:
-    a folder without images stays in the list (so that the caller reports it as a bad input)."""
-    out: list[Path] = []
+def as_path_list(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str | os.PathLike]:
+    """``inputs`` as a list of paths: one ``str`` or ``PathLike`` is one path (never its characters, which
+    would turn ``"/x.png"`` into scans of ``/`` and ``.``); an iterable of paths is listed. Bytes, numbers,
+    non-path items and empty paths (``""`` would mean the working folder) raise ``ValueError``."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    elif isinstance(inputs, (bytes, bytearray)) or not isinstance(inputs, Iterable):
+        raise ValueError(f"expected a path or a list of paths (files or folders), got {type(inputs).__name__}")
+    inputs = list(inputs)
     for item in inputs:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ValueError(f"expected paths (str or os.PathLike), got {item!r} ({type(item).__name__})")
+        if not str(os.fspath(item)).strip():
+            raise ValueError("an empty path ('') was given: name a file or folder ('.' for the working folder)")
+    return inputs
+
+
+def iter_image_paths(inputs: str | os.PathLike | Iterable[str | os.PathLike], *,
+                     keep_empty_dirs: bool = False) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image paths; one path is taken as
+    one (:func:`as_path_list`); ``keep_empty_dirs``: a folder without images stays in the list (so that
+    the caller reports it as a bad input)."""
+    out: list[Path] = []
+    for item in as_path_list(inputs):
         p = Path(item)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))

@@ -51,8 +51,14 @@ def agreement(annotations: pd.DataFrame) -> dict:
     """Agreement of each re-annotation column with the gold labels.
 
     ``annotations`` has columns ``gold``, ``reannotation1``, ``reannotation2`` (as
-    returned by :func:`leukoscope.data.read_annotations`).
+    returned by :func:`leukoscope.data.read_annotations`, which lists each image once). A table
+    whose ``path`` column lists an image twice is refused (``ValueError`` naming it): every image
+    counts once.
     """
+    if "path" in annotations and annotations["path"].duplicated().any():
+        dup = annotations.loc[annotations["path"].duplicated(), "path"]
+        raise ValueError(f"{len(dup)} image(s) listed more than once, e.g. {dup.iloc[0]}: agreement counts each "
+                         "image once (read the file with read_annotations, which refuses or collapses duplicates)")
     out = {}
     for col in EXAMINERS:
         if col not in annotations:

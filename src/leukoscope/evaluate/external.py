@@ -43,7 +43,7 @@ import pandas as pd
 from leukoscope.data.splits import stratified_val_split
 from leukoscope.evaluate.metrics import overall_metrics, per_class_fold_metrics
 from leukoscope.evaluate.predictions import predictions_table
-from leukoscope.imaging.scale_policy import ScalePolicy
+from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.models.inference import forward
 from leukoscope.models.ood import REFERENCE_KEY, feature_distances, ood_check, prepare_images
@@ -106,6 +106,8 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
 
     ``tta``: probabilities averaged over the 8 rotations by 90° and mirror images of each cell
     (the OOD check keeps the plain view's features and confidence, as its reference was fitted)."""
+    if um_per_px is not None:
+        um_per_px = check_um_per_px(um_per_px, "evaluate_sets(um_per_px=...)")
     if isinstance(tables, pd.DataFrame):
         tables = [tables]
     df = combine_tables(tables, group_by)

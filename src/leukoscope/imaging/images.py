@@ -4,7 +4,10 @@ Rules (from the data's known traps):
 
 * RGBA (LMU TIFFs) loses its alpha channel; it is **never** composited onto black,
   because the LMU files keep valid RGB under alpha = 0.
-* Grayscale, palette, CMYK and 16-bit images become 8-bit RGB.
+* Grayscale, palette, CMYK and 16-bit images become 8-bit RGB; samples are scaled by the range
+  the file states (a TIFF's BitsPerSample / SMaxSampleValue: 12-bit data in 16-bit samples),
+  else by the data type's, with a warning when the image uses under 1/8 of it; floating-point
+  images must hold [0, 1] (or state their range) and are refused otherwise.
 * Every failure raises :class:`ImageError`, which names the file and the reason:
   missing, not an image, truncated or corrupt, absurd size (decompression bomb),
   or an unsupported layout.
@@ -59,6 +62,74 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return (arr / hi * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
 
 
+def _tag_value(page, *names):
+    """The first of the TIFF tags ``names`` present on ``page`` as a float (the largest, for one
+    value per sample), else None."""
+    for name in names:
+        tag = page.tags.get(name)
+        if tag is None:
+            continue
+        v = np.asarray(tag.value, dtype=float).ravel()
+        if v.size and np.isfinite(v).all():
+            return float(v.max()) if name.endswith("MaxSampleValue") else float(v.min())
+    return None
+
+
+def stated_sample_range(page) -> tuple[float | None, float | None]:
+    """``(low, high)`` sample values a TIFF page states: ``SMinSampleValue``/``SMaxSampleValue``,
+    else ``MaxSampleValue``, else ``BitsPerSample`` below the data type's (12-bit data in 16-bit
+    samples: 4095); None where the file states nothing beyond its data type."""
+    hi = _tag_value(page, "SMaxSampleValue", "MaxSampleValue")
+    lo = _tag_value(page, "SMinSampleValue", "MinSampleValue")
+    dtype = np.dtype(page.dtype) if page.dtype is not None else None
+    if hi is None and dtype is not None and np.issubdtype(dtype, np.integer):
+        bits = int(page.bitspersample or 0)
+        if 0 < bits < dtype.itemsize * 8:
+            hi = float(2 ** bits - 1)
+    return lo, hi
+
+
+def file_to_uint8(arr: np.ndarray, path: str | os.PathLike, lo: float | None = None,
+                  hi: float | None = None) -> np.ndarray:
+    """A decoded file's samples as uint8, from the range the file states (``lo``, ``hi``: e.g.
+    :func:`stated_sample_range`) or else its data type's.
+
+    Integers wider than 8 bits without a stated range are scaled by the type's range; when they use
+    less than 1/8 of it (12-bit data in 16-bit samples, say) a ``RuntimeWarning`` names the file.
+    Floats without a stated range must lie in [0, 1] (scaled to 0-255); others raise
+    :class:`ImageError` (as do non-finite floats), since their scale cannot be guessed.
+    """
+    if arr.dtype == np.uint8 or arr.dtype == np.bool_:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageError(path, "floating-point image holds NaN or infinite values")
+        if hi is None:
+            amin, amax = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+            if amin < 0.0 or amax > 1.0:
+                raise ImageError(
+                    path, f"floating-point image ({arr.dtype}) with values {amin:g} to {amax:g}, outside [0, 1], and "
+                          "no stated sample range (SMinSampleValue/SMaxSampleValue): its brightness scale is unknown; "
+                          "save it as 8- or 16-bit integers or as floats in [0, 1]")
+            lo, hi = 0.0, 1.0
+    elif np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        if hi is None:
+            hi = float(info.max)
+            amax = int(arr.max(initial=0))
+            if info.bits > 8 and 0 < amax < info.max / 8:
+                warnings.warn(
+                    f"{path}: {info.bits}-bit image uses only values up to {amax} ({amax / info.max:.1%} of its range) "
+                    f"and states no bit depth (BitsPerSample/MaxSampleValue): it is read as {info.bits}-bit and will "
+                    "look dark; if it holds 10-, 12- or 14-bit data, state that in the file", RuntimeWarning,
+                    stacklevel=3)
+    else:
+        raise ImageError(path, f"unsupported sample type {arr.dtype}")
+    lo = 0.0 if lo is None or lo >= hi else lo
+    scaled = (arr.astype(np.float64) - lo) / (hi - lo) * 255.0 + 0.5
+    return scaled.clip(0, 255).astype(np.uint8)
+
+
 def to_rgb(arr: np.ndarray, *, path: str | os.PathLike = "<array>") -> np.ndarray:
     """Bring an array to ``(H, W, 3)`` uint8: drop alpha, expand gray, scale 16-bit/float."""
     arr = np.asarray(arr)
@@ -91,7 +162,8 @@ def _load_tiff(path: Path, max_pixels: int) -> np.ndarray:
         arr = page.asarray()
         if page.planarconfig == 2 and arr.ndim == 3:
             arr = np.moveaxis(arr, 0, 2)
-    return arr
+        lo, hi = stated_sample_range(page)
+    return file_to_uint8(arr, path, lo, hi)
 
 
 def load_rgb(path: str | os.PathLike, *, max_pixels: int = MAX_CELL_PIXELS) -> np.ndarray:
@@ -156,8 +228,9 @@ def _load_pil(path: Path, max_pixels: int) -> np.ndarray:
                     arr = np.asarray(im)
                     if arr.dtype != np.uint16 and arr.max(initial=0) <= 65535:
                         arr = arr.astype(np.uint16)
+                    arr = file_to_uint8(arr, path)
                 elif im.mode == "F":
-                    arr = np.asarray(im)
+                    arr = file_to_uint8(np.asarray(im), path)
                 elif im.mode in ("RGB", "L"):
                     arr = np.asarray(im)
                 else:  # P, PA, CMYK, YCbCr, 1, ...: let Pillow convert
@@ -187,3 +260,24 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             return im.size
     except Exception as exc:
         raise ImageError(path, f"cannot read image header ({type(exc).__name__}: {exc})") from exc
+
+
+def stored_mode(path: str | os.PathLike) -> tuple[str, bool]:
+    """``(mode, has alpha = 0 pixels)`` of an image file as stored: Pillow's mode (``RGB``, ``RGBA``,
+    ``I;16``...), or for a TIFF Pillow cannot open (float32, 12-bit) ``tiff:<dtype>x<samples>``.
+    Raises :class:`ImageError` when neither can read the header."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            transparent = False
+            if mode in ("RGBA", "LA"):
+                transparent = bool((np.asarray(im.getchannel("A")) == 0).any())
+            return mode, transparent
+    except Exception as exc:  # Pillow cannot read every TIFF the loader reads: ask tifffile
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return f"tiff:{np.dtype(page.dtype).name}x{page.samplesperpixel}", False
+        except Exception:
+            raise ImageError(path, f"cannot read image header ({type(exc).__name__}: {exc})") from exc

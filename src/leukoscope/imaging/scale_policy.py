@@ -39,14 +39,18 @@ ORIGIN_NONE = "none: images resized to the model input"
 
 
 def check_um_per_px(um_per_px, what: str = "um_per_px") -> float:
-    """Return ``um_per_px`` as a float if it is a plausible smear scale, else raise ``ValueError``."""
+    """Return ``um_per_px`` as a float if it is a plausible smear scale (:data:`UM_PER_PX_RANGE`), else
+    raise ``ValueError`` naming ``what`` (where the value came from: an option, an argument, a row)
+    and the plausible range. The one check of a stated µm/px, whatever the entry point."""
+    lo, hi = UM_PER_PX_RANGE
     try:
         v = float(um_per_px)
     except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number (micrometres per pixel), got {um_per_px!r}") from None
-    lo, hi = UM_PER_PX_RANGE
+        raise ValueError(f"{what} must be a number of micrometres per pixel (plausible: {lo:g}-{hi:g} µm/px), "
+                         f"got {um_per_px!r}") from None
     if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{what} must be a positive number of micrometres per pixel, got {um_per_px!r}")
+        raise ValueError(f"{what} must be a positive, finite number of micrometres per pixel (plausible: "
+                         f"{lo:g}-{hi:g} µm/px), got {um_per_px!r}")
     if not lo <= v <= hi:
         cell = 12.0 / v
         raise ValueError(
@@ -54,6 +58,33 @@ def check_um_per_px(um_per_px, what: str = "um_per_px") -> float:
             f"(a 12 µm leukocyte would be {cell:.3g} px across); check the value or the file's resolution tags "
             "(100x oil objectives give about 0.05-0.1 µm/px, 40x scanners about 0.25 µm/px)")
     return v
+
+
+def _is_blank(v) -> bool:
+    if v is None or v is pd.NA:
+        return True
+    if isinstance(v, str):
+        return not v.strip()
+    try:
+        return bool(np.isnan(v))
+    except TypeError:
+        return False
+
+
+def check_um_per_px_column(values, what: str = "row {row}", first_row: int = 0) -> np.ndarray:
+    """A table's ``um_per_px`` column as floats (NaN: unknown), every stated value checked by
+    :func:`check_um_per_px`.
+
+    Blank cells (empty string, None, NaN) mean "unknown" and stay NaN; anything else must be a
+    plausible scale, else ``ValueError`` naming the row: ``what`` is formatted with ``row`` (the
+    row's position plus ``first_row``, e.g. ``first_row=2`` for CSV line numbers under a header).
+    """
+    values = list(values)
+    out = np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        if not _is_blank(v):
+            out[i] = check_um_per_px(v.strip() if isinstance(v, str) else v, what.format(row=i + first_row))
+    return out
 
 
 def _finite_or_none(v):
@@ -91,8 +122,13 @@ class ScalePolicy:
     def resolve(self, table: pd.DataFrame, *, reemit: bool = False,
                 log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray, ScaleRecord]:
         """``(um_per_px per row (NaN: unknown), origin per row, record)`` for a table (``path``[,
-        ``um_per_px``][, ``group_col``]). Warnings (an implausible estimate) go into the record;
+        ``um_per_px``][, ``group_col``]); a given or stated µm/px outside the plausible range raises
+        ``ValueError`` (:func:`check_um_per_px`, :func:`check_um_per_px_column`). Warnings (an implausible estimate) go into the record;
         ``reemit`` also issues them as ``RuntimeWarning``; ``log`` reports each estimate and warning."""
+        if self.given is not None:
+            check_um_per_px(self.given, "the given um_per_px")
+        if "um_per_px" in table:
+            check_um_per_px_column(table["um_per_px"], "the table's um_per_px (row {row})")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rs = resolve_um_per_px(table, user_um_per_px=self.given, estimate=self.estimate,

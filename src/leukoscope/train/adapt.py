@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 
 from leukoscope import taxonomy
+from leukoscope.imaging.scale_policy import check_um_per_px
 from leukoscope.io import atomic_write_json
 from leukoscope.models.bundle import load_bundle, read_meta, save_bundle
 from leukoscope.models.heads import body_batchnorms
@@ -124,7 +125,8 @@ def _lineage(parent_meta: dict, parent_file: Path, mode: str, lab: pd.DataFrame,
 def adapt(model_path: str | os.PathLike, lab_table: pd.DataFrame, out: str | os.PathLike, *,
           replay_table: pd.DataFrame | None = None, replay_per_class: int = REPLAY_PER_CLASS,
           k_per_class: int | None = None, seed: int = 0, epochs: int | None = None, per_class: int | None = None,
-          lr: float | None = None, unlabelled: bool = False, overrides: dict | None = None,
+          lr: float | None = None, unlabelled: bool = False, um_per_px: float | None = None,
+          overrides: dict | None = None,
           progress: bool = False, log: Callable[[str], None] = print) -> AdaptResult:
     """Adapt the bundle ``model_path`` to a lab; the adapted bundle is written to ``out/model.safetensors``.
 
@@ -135,9 +137,15 @@ def adapt(model_path: str | os.PathLike, lab_table: pd.DataFrame, out: str | os.
     class (with fewer than 3 lab cells in every class no validation cells are held out and the
     parent's temperature is kept). ``epochs``, ``per_class``, ``lr`` and ``overrides`` (any other
     :class:`~leukoscope.train.config.TrainConfig` setting, e.g. ``threads``) change
-    :data:`ADAPT_DEFAULTS`; everything else (model, input, augmentation, scale mode, white
+    :data:`ADAPT_DEFAULTS`. ``um_per_px``: the µm/px of every lab image (checked by
+    :func:`~leukoscope.imaging.scale_policy.check_um_per_px`); it becomes the lab table's stated
+    ``um_per_px``, which the scale policy uses before any estimate, as for ``train``'s data (the
+    replay keeps its own). Everything else (model, input, augmentation, scale mode, white
     balance) is the parent's. See the module docstring for what is fitted on what.
     """
+    if um_per_px is not None:
+        um_per_px = check_um_per_px(um_per_px, "adapt(um_per_px=...)")
+        lab_table = lab_table.assign(um_per_px=um_per_px)
     parent_file = _bundle_file(model_path)
     parent_meta = read_meta(parent_file)
     out = Path(out)
