@@ -182,6 +182,29 @@ def test_unlabelled_adabn_sets_batchnorm_statistics_to_the_lab(labs, parent, tmp
     assert not np.allclose(old.predict_proba_prepared(x[:5]), new.predict_proba_prepared(x[:5]))
 
 
+def test_adapt_um_per_px_reaches_the_scale_policy(labs, parent, tmp_path):
+    paths = sorted(str(p) for p in labs[1].rglob("*.tiff"))[:40]
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for p in paths:
+        (folder / p.split("/")[-1]).symlink_to(p)
+    out = tmp_path / "adabn"
+    assert main(["adapt", str(parent), str(folder), "--unlabelled", "--um-per-px", "0.2", "--out", str(out),
+                 "--no-progress"]) == 0
+    old, new = load_bundle(parent), load_bundle(out)
+    assert old.um_per_px and new.meta["lineage"]["lab_scale"]["sources"]["lab"]["um_per_px"] == 0.2
+    files = sorted(str(p) for p in folder.iterdir())
+    with torch.no_grad():
+        conv = [old.model[0](normalize(torch.as_tensor(old.prepare(files, um)), old.mean, old.std)).mean((0, 2, 3))
+                for um in ([0.2] * len(files), None)]
+    assert torch.allclose(new.model[1].running_mean, conv[0], atol=1e-4)  # prepared at 0.2 µm/px
+    assert not torch.allclose(new.model[1].running_mean, conv[1], atol=1e-3)  # not resized as they are
+    labelled = tmp_path / "labelled"
+    assert main(["adapt", str(parent), str(labs[1]), "--k", "2", "--epochs", "1", "--threads", "1",
+                 "--um-per-px", "0.2", "--out", str(labelled), "--no-progress"]) == 0
+    assert read_meta(labelled)["lineage"]["lab_scale"]["synth_lab_B"]["um_per_px"] == 0.2
+
+
 # --------------------------------------------------------------------------- multi-lab training
 
 

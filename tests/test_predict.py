@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,6 +76,24 @@ def test_predict_paths_matches_bundle_predict_proba(run_dir, cells):
     want = b.predict_proba(res.table["path"].tolist(), um_per_px=0.0725)
     assert np.allclose(res.table.filter(like="prob_").to_numpy(), want)
     assert res.errors == []
+
+
+def test_predict_paths_takes_a_path_string_as_one_path_and_scans_nothing_else(run_dir, cells, monkeypatch):
+    from leukoscope.models import load_bundle
+    from leukoscope.predict import predict_paths
+
+    one = sorted(cells.rglob("*.tiff"))[0]
+    scanned = []
+    real_rglob = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: scanned.append(self) or real_rglob(self, pattern))
+    monkeypatch.chdir(one.parent)
+    b = load_bundle(run_dir)
+    for given in (str(one), one):
+        res = predict_paths(b, given)
+        assert res.table["path"].tolist() == [str(one)] and res.errors == []
+    assert scanned == []  # neither / nor the working folder (nor anything) was searched
+    assert len(predict_paths(b, str(cells / "LYT")).table) == SYNTH_PER_CLASS
+    assert scanned == [cells / "LYT"]
 
 
 def test_cv_command_writes_predictions_once_per_image(cells, tmp_path):
