@@ -226,3 +226,10 @@ def test_data_summary_on_float32_and_12_bit_tiffs_does_not_traceback(tmp_path, c
     assert "wide.tiff: floating-point image" in out
     ds = check_images(read_dataset(tmp_path))
     assert len(ds) == 2 and [s["path"].endswith("wide.tiff") for s in ds.skipped] == [True]
+
+
+def test_a_tiff_with_too_many_samples_per_pixel_is_refused_before_decoding(tmp_path):
+    tifffile.imwrite(tmp_path / "deep.tiff", np.zeros((10, 10, 50), np.uint8), planarconfig="contig",
+                     photometric="minisblack")
+    with pytest.raises(ImageError, match=r"deep.tiff: unsupported TIFF layout: 5000 samples"):
+        load_rgb(tmp_path / "deep.tiff", max_pixels=1000)

@@ -159,6 +159,9 @@ def _load_tiff(path: Path, max_pixels: int) -> np.ndarray:
                 f"absurd image size {w}x{h} ({h * w / 1e6:.0f} MP > limit {max_pixels / 1e6:.0f} MP); "
                 "a whole scan must be read tiled (leukoscope screen does this)",
             )
+        if page.size > 4 * max_pixels:  # many samples per pixel, or a volume: bounded like the pixels
+            raise ImageError(path, f"unsupported TIFF layout: {page.size} samples in shape {shape} (an RGB(A) "
+                                   f"image of at most {max_pixels / 1e6:.0f} MP expected)")
         arr = page.asarray()
         if page.planarconfig == 2 and arr.ndim == 3:
             arr = np.moveaxis(arr, 0, 2)

@@ -215,8 +215,51 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as exc:
         raise NotABundleError(f"{path}: LeukoScope metadata is not valid JSON ({exc})") from None
+    check_meta(meta, path)
     meta["_file"] = str(path)
     return meta
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def check_meta(meta, path: str | os.PathLike = "<bundle>") -> None:
+    """Check the fields every bundle's metadata needs (types and ranges, not the weights); a bad one
+    raises :class:`NotABundleError` naming ``path`` and the field."""
+    def bad(field: str, why: str):
+        raise NotABundleError(f"{path}: bundle metadata field {field!r} {why}; the file is damaged or not written "
+                              "by LeukoScope")
+
+    if not isinstance(meta, dict):
+        bad("(all)", f"is a JSON {type(meta).__name__}, not an object")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and taxonomy.is_class(c)
+                                                                 for c in classes):
+        bad("classes", f"must be a non-empty list of taxonomy classes, got {str(classes)[:80]}")
+    if len(set(classes)) != len(classes):
+        bad("classes", "lists a class twice")
+    if not isinstance(meta.get("model"), str):
+        bad("model", "must be a model name")
+    size = meta.get("input_size")
+    if not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= 4096):
+        bad("input_size", f"must be a whole number of pixels (1-4096), got {str(size)[:40]}")
+    for key, positive in (("mean", False), ("std", True)):
+        v = meta.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(_number(x) and (x > 0 or not positive) for x in v)):
+            bad(key, f"must be 3 {'positive ' if positive else ''}numbers, got {str(v)[:60]}")
+    t = meta.get("temperature")
+    if t is not None and not (_number(t) and t > 0):
+        bad("temperature", f"must be a positive number, got {str(t)[:40]}")
+    um = meta.get("um_per_px")
+    if um is not None and not (_number(um) and um > 0):
+        bad("um_per_px", f"must be a positive number or null, got {str(um)[:40]}")
+    config = meta.get("config")
+    if config is not None and not (isinstance(config, dict)
+                                   and isinstance(config.get("model_kwargs") or {}, dict)):
+        bad("config", "must be an object (with model_kwargs an object)")
+    if meta.get(PIPELINE_KEY) is not None and not isinstance(meta[PIPELINE_KEY], dict):
+        bad(PIPELINE_KEY, "must be an object")
 
 
 def load_bundle(path: str | os.PathLike, device: str = "cpu") -> ModelBundle:
@@ -224,9 +267,15 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> ModelBundle:
     meta = read_meta(path)
     file = meta.pop("_file")
     kwargs = (meta.get("config") or {}).get("model_kwargs") or {}
-    model = create_model(meta["model"], num_classes=len(meta["classes"]), input_size=meta["input_size"], **kwargs)
-    state = load_file(file)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:  # the metadata's fields are checked; whatever else does not fit is a damaged file, named as such
+        model = create_model(meta["model"], num_classes=len(meta["classes"]), input_size=meta["input_size"], **kwargs)
+        state = load_file(file)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        Pipeline.from_meta(meta)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RuntimeError, OverflowError,
+            safetensors.SafetensorError) as exc:
+        raise NotABundleError(f"{file}: not a usable LeukoScope model bundle ({type(exc).__name__}: "
+                              f"{str(exc)[:300]})") from None
     if missing or unexpected:
         raise NotABundleError(f"{file}: weights do not fit model {meta['model']!r} "
                               f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
