@@ -75,7 +75,8 @@ def predict_paths(bundle, inputs: str | os.PathLike | Iterable[str | os.PathLike
 
     ``um_per_px`` is the scale of the input images when known (then they are resampled to
     the model's scale; an implausible value raises ``ValueError``, see
-    :func:`~leukoscope.imaging.scale_policy.check_um_per_px`); ``"estimate"`` measures it from the red cells, pooled per input
+    :func:`~leukoscope.imaging.scale_policy.check_um_per_px`); ``"estimate"`` measures it from the red cells,
+    pooled per input
     (:func:`estimate_input_scale`), which is also the default for a model trained on estimated
     scales (``training_scale.scale == "estimate"``); otherwise each image is resized to the model
     input. ``tta``: probabilities averaged over the 8 rotations by 90° and mirror images of each

@@ -22,7 +22,8 @@ DESCRIPTION = (
     "rows and the old classes keep theirs. --k N uses at most N cells per class of the lab (seeded; the counts "
     "used are printed and recorded). The temperature and the out-of-distribution reference are re-fitted on the "
     "lab's cells only (validation cells are never drawn from the replay); the lab's µm/px is --um-per-px when "
-    "given, else the data's own, else follows the parent's scale mode. The bundle records its lineage (parent SHA-256, the lab data's fingerprint, K per class, replay).\n"
+    "given, else the data's own, else follows the parent's scale mode. The bundle records its lineage (parent "
+    "SHA-256, the lab data's fingerprint, K per class, replay).\n"
     "--unlabelled: LAB_DATA is a folder of the lab's images (labels not needed); every BatchNorm layer's running "
     "statistics are re-estimated on them (AdaBN), prepared as for prediction; the weights are otherwise unchanged.\n"
     "Typical: leukoscope adapt runs/pbc/model.safetensors review_export --replay ../shared/data/pbc --k 10 "
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("threads", args.threads), ("device", args.device)) if v is not None}
     res = adapt(args.model, lab, args.out, replay_table=replay, replay_per_class=args.replay_per_class,
                 k_per_class=args.k, seed=args.seed, epochs=args.epochs, per_class=args.per_class, lr=args.lr,
-                unlabelled=args.unlabelled, um_per_px=args.um_per_px, overrides=overrides, progress=not args.no_progress)
+                unlabelled=args.unlabelled, um_per_px=args.um_per_px, overrides=overrides,
+                progress=not args.no_progress)
     lin = res.lineage
     if lin["mode"] == "labelled":
         print(f"{res.bundle_path}: {len(res.meta['classes'])} classes ({', '.join(res.meta['classes'])}); lab cells "

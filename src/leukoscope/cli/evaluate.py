@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-by", choices=("source", "folder"), default="source",
                    help="group rows by the table's source column (default) or by each image's parent folder "
                         "(external_wbc: images/<source>/)")
-    p.add_argument("--um-per-px", type=um_per_px_arg, metavar="X", help="µm/px of every input image (overrides the data)")
+    p.add_argument("--um-per-px", type=um_per_px_arg, metavar="X",
+                   help="µm/px of every input image (overrides the data)")
     p.add_argument("--estimate-scale", choices=("group", "image", "off"), default="group",
                    help="where µm/px is unknown: estimate per group from red cells (default), per image, or not "
                         "at all (resize)")

@@ -13,7 +13,11 @@ Three layouts are built in:
     A CSV file ``path,label[,patient][,source][,um_per_px][,...]``; paths are
     relative to the manifest's folder unless absolute. A folder holding
     ``labels.csv`` is read as that manifest. Rows with an empty label are skipped
-    and counted.
+    and counted; a stated ``um_per_px`` must be plausible (blank = unknown).
+
+An image listed twice (in ``annotations.dat`` or a manifest) with different labels is refused
+with the line numbers; identical lines are used once, with a warning and a note. An unreadable
+file raises :class:`DataError` naming it.
 
 A reader registers itself with :func:`register_reader` (a name, a test that recognises its layout,
 and the function that reads it); :func:`detect_layout` and :func:`read_dataset` dispatch through
@@ -435,7 +439,10 @@ def read_folders(root: str | os.PathLike, label_map: Mapping[str, str] | None = 
 @register_reader("manifest", detect=_holds_manifest, priority=20)
 def read_manifest(path: str | os.PathLike, label_map: Mapping[str, str] | None = None,
                   *, check_files: bool = True) -> CellDataset:
-    """CSV ``path,label[,patient][,source][,um_per_px][,...]``; empty labels are skipped and counted."""
+    """CSV ``path,label[,patient][,source][,um_per_px][,...]``; empty labels are skipped and counted, a stated
+    ``um_per_px`` is checked (:func:`~leukoscope.imaging.scale_policy.check_um_per_px`, naming the line), an
+    image listed twice is refused or used once (see the module docstring); an unreadable CSV is a
+    :class:`DataError`."""
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in MANIFEST_NAMES if (path / n).exists()]

@@ -123,7 +123,8 @@ class ScalePolicy:
                 log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray, ScaleRecord]:
         """``(um_per_px per row (NaN: unknown), origin per row, record)`` for a table (``path``[,
         ``um_per_px``][, ``group_col``]); a given or stated µm/px outside the plausible range raises
-        ``ValueError`` (:func:`check_um_per_px`, :func:`check_um_per_px_column`). Warnings (an implausible estimate) go into the record;
+        ``ValueError`` (:func:`check_um_per_px`, :func:`check_um_per_px_column`). Warnings (an implausible
+        estimate) go into the record;
         ``reemit`` also issues them as ``RuntimeWarning``; ``log`` reports each estimate and warning."""
         if self.given is not None:
             check_um_per_px(self.given, "the given um_per_px")
