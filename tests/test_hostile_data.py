@@ -130,7 +130,8 @@ def test_a_table_with_an_implausible_scale_is_refused_by_the_scale_policy():
 
 @pytest.mark.parametrize("command", [["predict", "m.safetensors", "x.png", "--out", "p.csv"],
                                      ["evaluate", "m.safetensors", "data"],
-                                     ["adapt", "m.safetensors", "lab", "--out", "run"]])
+                                     ["adapt", "m.safetensors", "lab", "--out", "run"],
+                                     ["review", "predictions.csv"]])
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "1e-9", "abc"])
 def test_every_um_per_px_option_is_checked_when_parsed(command, bad, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 
+from leukoscope.cli._common import um_per_px_arg
 from leukoscope.review import ReviewStore, export_differential, export_labels
 from leukoscope.review.app import create_app, make_token, serve
 from leukoscope.review.model_views import ModelViews
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="output folder of export / export-labels")
     p.add_argument("--round", type=int, metavar="N", help="export this signed round (default: the latest signed)")
     p.add_argument("--model", metavar="FILE", help="model file (for a predict table, or when the screen's model moved)")
-    p.add_argument("--um-per-px", type=float, metavar="X", help="scale of a predict table's images (µm/px)")
+    p.add_argument("--um-per-px", type=um_per_px_arg, metavar="X", help="scale of a predict table's images (µm/px)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a --host other than loopback (then an access token is required)")
