@@ -221,12 +221,15 @@ def test_data_summary_on_float32_and_12_bit_tiffs_does_not_traceback(tmp_path, c
     tifffile.imwrite(tmp_path / "NGS" / "unit.tiff", ramp, photometric="rgb")
     tifffile.imwrite(tmp_path / "NGS" / "wide.tiff", ramp * 300, photometric="rgb")
     tifffile.imwrite(tmp_path / "LYT" / "b12.tiff", _ramp16(4095), bitspersample=12)
+    tifffile.imwrite(tmp_path / "LYT" / "dark.tiff", _ramp16(4095))
     assert main(["data", "summary", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "tiff:float32x3 1" in out and "tiff:uint16x3 1" in out
     assert "wide.tiff: floating-point image" in out
+    assert "1 images use a small part of their sample range and will look dark, e.g. " in out and "dark.tiff" in out
     ds = check_images(read_dataset(tmp_path))
-    assert len(ds) == 2 and [s["path"].endswith("wide.tiff") for s in ds.skipped] == [True]
+    assert len(ds) == 3 and [s["path"].endswith("wide.tiff") for s in ds.skipped] == [True]
+    assert ds.extra["images"]["dark_warnings"] == 1
 
 
 def test_a_tiff_with_too_many_samples_per_pixel_is_refused_before_decoding(tmp_path):

@@ -602,16 +602,21 @@ def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
     """Decode every image once; unusable ones move from the table to ``skipped``.
 
     Also records what the decoder met (modes, sizes, RGBA files and how many have
-    alpha = 0 regions, which are dropped rather than composited) in ``extra['images']``.
+    alpha = 0 regions, which are dropped rather than composited, and ``dark_warnings``: images
+    using under 1/8 of a wide sample type without a stated bit depth) in ``extra['images']``;
+    the loader's warnings become one note.
     """
-    keep, modes, sizes, rgba_with_transparency = [], {}, {}, 0
+    keep, modes, sizes, rgba_with_transparency, dark = [], {}, {}, 0, []
     paths = list(ds.table["path"])
     iterator = paths
     if progress:
         iterator = tqdm(paths, desc="checking images", unit="img")
     for p in iterator:
         try:
-            img = load_rgb(p)
+            with warnings.catch_warnings(record=True) as caught:  # one note for all, not a warning per file
+                warnings.simplefilter("always", RuntimeWarning)
+                img = load_rgb(p)
+            dark += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
             mode, transparent = stored_mode(p)
             rgba_with_transparency += int(transparent)
         except ImageError as exc:
@@ -633,6 +638,9 @@ def check_images(ds: CellDataset, *, progress: bool = False) -> CellDataset:
             f"{modes['RGBA']} RGBA images: alpha dropped, RGB kept as stored (never composited onto black); "
             f"{rgba_with_transparency} of them have alpha = 0 regions"
         )
+    if dark:
+        ds.notes.append(f"{len(dark)} images use a small part of their sample range and will look dark, e.g. {dark[0]}")
+    ds.extra["images"]["dark_warnings"] = len(dark)
     return ds
 
 
