@@ -21,6 +21,7 @@ from leukoscope.evaluate.external import evaluate_sets
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px, check_um_per_px_column
 from leukoscope.predict import predict_paths
+from leukoscope.train import TrainConfig
 from leukoscope.train.adapt import adapt
 
 BAD_UM = [0, -1, float("nan"), float("inf"), 1e-9, "abc"]
@@ -237,3 +238,10 @@ def test_a_tiff_with_too_many_samples_per_pixel_is_refused_before_decoding(tmp_p
                      photometric="minisblack")
     with pytest.raises(ImageError, match=r"deep.tiff: unsupported TIFF layout: 5000 samples"):
         load_rgb(tmp_path / "deep.tiff", max_pixels=1000)
+
+
+@pytest.mark.parametrize("bad", BAD_UM)
+def test_train_model_scale_goes_through_the_one_validator(bad):
+    with pytest.raises(ValueError, match=r"um_per_px of the model input \(--um-per-px\) .*0\.02-1 µm/px"):
+        TrainConfig(model="plain_cnn", um_per_px=bad).resolved()
+    assert TrainConfig(model="plain_cnn", um_per_px=0.3).resolved().um_per_px == 0.3

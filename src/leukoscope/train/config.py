@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, fields, replace
 
+from leukoscope.imaging.scale_policy import check_um_per_px
 from leukoscope.models.registry import get_config
 
 #: Values of ``scale``: where the training images' µm/px comes from.
@@ -235,6 +236,8 @@ class TrainConfig:
         c.input_size = mc.input_size
         if c.um_per_px is None:
             c.um_per_px = mc.um_per_px
+        else:  # a stated scale: the one validator, as for every other µm/px
+            c.um_per_px = check_um_per_px(c.um_per_px, "um_per_px of the model input (--um-per-px)")
         if c.scale not in SCALE_MODES:
             raise ValueError(f"scale must be one of {', '.join(SCALE_MODES)}, got {c.scale!r}")
         if c.balance_by not in BALANCE_MODES:
