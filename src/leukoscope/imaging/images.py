@@ -126,7 +126,10 @@ def file_to_uint8(arr: np.ndarray, path: str | os.PathLike, lo: float | None = N
     else:
         raise ImageError(path, f"unsupported sample type {arr.dtype}")
     lo = 0.0 if lo is None or lo >= hi else lo
-    scaled = (arr.astype(np.float64) - lo) / (hi - lo) * 255.0 + 0.5
+    scaled = arr.astype(np.float32)  # float32: half float64's memory, exact enough for 8-bit output
+    scaled -= np.float32(lo)
+    scaled *= np.float32(255.0 / (hi - lo))
+    scaled += np.float32(0.5)
     return scaled.clip(0, 255).astype(np.uint8)
 
 
