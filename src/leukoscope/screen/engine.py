@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
-from leukoscope.io import atomic_write_csv, atomic_write_json
+from leukoscope.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
@@ -434,7 +434,7 @@ class _Checkpoint:
         if path.exists():
             done, cal = cls._read(path, header)
         if not done and cal is None:
-            path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+            atomic_write_text(json.dumps(header) + "\n", path)
         return cls(path, header, done, cal)
 
     @staticmethod
@@ -458,8 +458,8 @@ class _Checkpoint:
                 cal = StainCalibration(**rec["calibration"])
             elif "tile" in rec:
                 done[int(rec["tile"])] = pd.DataFrame(rec["cells"], columns=rec["columns"])
-        if len(valid) < len(lines):  # drop the cut line so that new tiles append cleanly
-            path.write_text("\n".join(valid) + "\n", encoding="utf-8")
+        if len(valid) < len(lines):  # drop the cut line so that new tiles append cleanly (atomically:
+            atomic_write_text("\n".join(valid) + "\n", path)  # a crash now must not lose the valid tiles)
         return done, cal
 
     def set_calibration(self, cal: StainCalibration) -> None:
