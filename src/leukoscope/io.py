@@ -10,6 +10,7 @@ Only names of that pattern (and the older ``.NAME.RANDOM.tmp`` form, by age alon
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+try:
+    import fcntl
+except ImportError:  # Windows: folder_lock runs unlocked
+    fcntl = None
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -129,6 +135,58 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+#: The lock file of a folder held by :func:`folder_lock`.
+LOCK_NAME = ".leukoscope.lock"
+_HELD: dict[str, int] = {}  # folders this process holds: absolute path -> depth
+
+
+class FolderLockedError(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "--out folder"):
+    """Hold an exclusive lock on ``folder`` (``fcntl.flock`` on ``folder/.leukoscope.lock``, which
+    records the holder's pid) for the duration of the block. Another process that asks for it gets
+    :class:`FolderLockedError` at once, naming the folder and the holder's pid. Re-entrant within a
+    process; released when the block ends or the process dies (the file itself stays). Where
+    ``fcntl`` does not exist (Windows) the block runs unlocked."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.abspath(folder)
+    if key in _HELD or fcntl is None:
+        _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            yield folder
+        finally:
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+        return
+    lock = folder / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise FolderLockedError(
+                f"{folder} is in use by another leukoscope process (pid {holder}); wait for it to finish, "
+                f"or choose another {what}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield folder
+        finally:
+            del _HELD[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
