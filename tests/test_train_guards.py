@@ -32,6 +32,7 @@ from leukoscope.report.build import make_report
 from leukoscope.screen.engine import ScreenEngine
 from leukoscope.synth import make_smear
 from leukoscope.train import TrainConfig, cross_validate, train
+from leukoscope.train.adapt import adapt
 from leukoscope.train.checkpoint import CorruptCheckpointError, RunMismatchError, load_checkpoint
 from leukoscope.train.trainer import TrainingDivergedError
 
@@ -167,12 +168,14 @@ def held(tmp_path):
         p.wait()
 
 
-def test_a_second_process_on_the_same_out_is_refused(held, cells):
+def test_a_second_process_on_the_same_out_is_refused(held, cells, run):
     folder, pid = held
     with pytest.raises(FolderLockedError, match=rf"{folder.name}.*pid {pid}"):
         train(cells.table, folder, tiny(), progress=False, log=quiet)
     with pytest.raises(FolderLockedError, match=rf"pid {pid}"):
         cross_validate(cells, folder, tiny(), folds=2, progress=False, log=quiet)
+    with pytest.raises(FolderLockedError, match=rf"pid {pid}"):
+        adapt(run.bundle_path, cells.table, folder, progress=False, log=quiet)
     assert not (folder / "model.safetensors").exists() and not (folder / "config.json").exists()
 
 

@@ -409,11 +409,11 @@ class Trainer:
 
     def diverged(self, what: str):
         """Stop the run: raise :class:`TrainingDivergedError` saying what became non-finite and what is kept."""
-        kept = (f"{self.ckpt_path} (epoch {int(self.state['epoch'])}, finite) is kept, but resuming from it with "
-                "the same settings would diverge again" if self.ckpt_path.exists() and self.state["epoch"]
-                else "nothing was written")
+        kept = (f"; {self.ckpt_path} (after epoch {int(self.state['epoch'])}, all finite) is kept, but resuming "
+                "from it with the same settings would diverge again" if self.ckpt_path.exists() and self.state["epoch"]
+                else "")
         raise TrainingDivergedError(
-            f"training diverged: {what} (peak learning rate {self.cfg.lr:g}); no model was written and {kept}. "
+            f"training diverged: {what} (peak learning rate {self.cfg.lr:g}); no model was written{kept}. "
             f"Lower --lr and train again with --restart")
 
     def check_finite_weights(self, epoch: int) -> None:
