@@ -128,7 +128,7 @@ def test_evaluate_turns_a_nan_probability_into_an_error_for_that_image(run, cell
     assert len(res.predictions) == 3
 
 
-def test_screen_refers_cells_with_nan_probabilities_and_counts_them():
+def test_screen_refers_cells_with_nan_probabilities_and_counts_them(tmp_path):
     img, _ = make_smear(1000, 700, n_leukocytes=6, seed=3, um_per_px=0.1)
     bundle = ScriptedBundle([0.95, float("nan")])  # every second cell: NaN probabilities
     res = ScreenEngine(bundle, refer_below=0.5, um_per_px=0.1, progress=False).screen([img], names=["field"])
@@ -140,6 +140,8 @@ def test_screen_refers_cells_with_nan_probabilities_and_counts_them():
     ov = res.summary["overall"]
     assert ov["cells_nonfinite"] == bad.sum()
     assert ov["unidentified"] == bad.sum() and ov["identified"] == len(cells) - bad.sum()
+    paths = res.write(tmp_path, bundle=None)  # the outputs and the review page take them as they are
+    assert json.loads(paths["summary"].read_text())["overall"]["cells_nonfinite"] == bad.sum()
 
 
 # --------------------------------------------------------------------------- 3. the run folder
