@@ -106,3 +106,11 @@ def test_screen_checkpoint_recovery_rewrite_is_atomic(tmp_path, monkeypatch):
     assert list(done) == [0]
     assert renamed == [str(ck)]
     assert ck.read_text(encoding="utf-8").splitlines() == [json.dumps(header), json.dumps(tile)]
+
+
+def test_bulk_outputs_that_can_be_made_again_skip_the_fsyncs(tmp_path, fsyncs):
+    from leukoscope.io import atomic_path
+
+    with atomic_path(tmp_path / "cell.tiff", durable=False) as tmp:
+        tmp.write_bytes(b"x")
+    assert fsyncs == [] and (tmp_path / "cell.tiff").read_bytes() == b"x"
