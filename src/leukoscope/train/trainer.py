@@ -86,9 +86,10 @@ from leukoscope.train.cache import build_cache
 from leukoscope.train.checkpoint import (RESTART_HINT, RunMismatchError, check_resumable, check_same_data,
                                          load_checkpoint, run_lock, save_checkpoint)
 from leukoscope.train.config import TrainConfig, config_diff
-from leukoscope.train.distributed import barrier, broadcast_buffers, init_distributed, pick_device
+from leukoscope.train.distributed import any_rank, barrier, broadcast_buffers, init_distributed, pick_device
 from leukoscope.train.loop import classes_of, resolve_training_scale, table_fingerprint
 from leukoscope.train.threads import tuner_for
+
 
 class TrainingDivergedError(RuntimeError):
     """The loss, the validation loss or a weight became NaN or infinite: the run stopped without a model."""
@@ -217,7 +218,7 @@ class Trainer:
             raise RunMismatchError(f"{self.out} already holds a finished model trained with a different config "
                                    f"({'; '.join(diff[:4])}); {RESTART_HINT}")
         check_same_data(meta.get("fingerprint"), self.fingerprint, f"{self.out} already holds a finished model that")
-        self.log(f"{self.out}: already finished; not retrained (delete {self.bundle_path} to train again)")
+        self.log(f"{self.out}: already finished; not retrained (--restart to train again)")
         log_csv = self.out / "log.csv"
         logdf = pd.read_csv(log_csv) if log_csv.exists() else pd.DataFrame(columns=LOG_COLUMNS)
         return TrainResult(self.out, self.bundle_path, meta, logdf, reused=True)
@@ -371,10 +372,11 @@ class Trainer:
             t_step = time.time()
             bi = order[i:i + cfg.batch_size]
             loss = self.step(self.x_tr[torch.as_tensor(bi)], self.y_tr[bi], gen)
-            if not math.isfinite(loss):
+            if any_rank(not math.isfinite(loss), dist, self.device):  # all ranks stop together
                 if bar is not None:
                     bar.close()
-                self.diverged(f"the training loss is {loss} at epoch {epoch + 1}, step {i // cfg.batch_size + 1}")
+                here = loss if not math.isfinite(loss) else "not finite on another rank"
+                self.diverged(f"the training loss is {here} at epoch {epoch + 1}, step {i // cfg.batch_size + 1}")
             losses.append(loss)
             seen += len(bi)
             t_train += time.time() - t_step
