@@ -317,3 +317,9 @@ def test_a_100_mp_field_is_not_a_decompression_bomb(tmp_path):
         assert "truncated" in exc.value.reason or "corrupt" in exc.value.reason  # past the size check
     with pytest.raises(ImageError, match="absurd image size"):  # above the documented 400 MP: refused
         load_rgb(_png_header_only(tmp_path / "441.png", 21_000, 21_000), max_pixels=MAX_FIELD_PIXELS)
+
+
+def test_zero_epochs_is_allowed_only_when_starting_from_a_bundle(tmp_path):
+    with pytest.raises(ValueError, match=r"0 only with --init-from"):
+        TrainConfig(epochs=0).resolved()
+    assert TrainConfig(epochs=0, init_from=str(tmp_path / "m.safetensors")).check().epochs == 0

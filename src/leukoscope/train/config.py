@@ -244,7 +244,10 @@ class TrainConfig:
             if bad_type or not math.isfinite(float(v)) or not ok(v):
                 problems.append(f"{name} must be {what}, got {v!r} (--{name.replace('_', '-')})")
 
-        need("epochs", lambda v: v >= 1, "a whole number of at least 1", True)
+        if self.init_from:  # 0 epochs: the bundle's weights as they are, the head grown, the temperature re-fitted
+            need("epochs", lambda v: v >= 0, "a whole number, 0 or more", True)
+        else:
+            need("epochs", lambda v: v >= 1, "a whole number of at least 1 (0 only with --init-from)", True)
         need("per_class", lambda v: v >= 1, "a whole number of at least 1", True)
         need("batch_size", lambda v: v >= 1, "a whole number of at least 1", True)
         if self.input_size is not None:

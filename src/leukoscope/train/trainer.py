@@ -185,6 +185,8 @@ class Trainer:
         self.cache, self.progress, self.log = cache, progress, log
         self.on_epoch_end, self.resume = on_epoch_end, resume
         self.data_fingerprint, self.training_scale = data_fingerprint, training_scale
+        # what the run folder remembers it was trained on: the data as given (before unreadable images are left out)
+        self.fingerprint = data_fingerprint or table_fingerprint(table)
         self.bundle_path = self.out / "model.safetensors"
         self.ckpt_path = self.out / "checkpoint.pt"
         self.dist = init_distributed()
@@ -193,7 +195,6 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         with run_lock(self.out):
-            self.fingerprint = self.data_fingerprint or table_fingerprint(self.table)
             finished = self.finished_run() if self.resume else None
             if finished is not None:
                 return finished
