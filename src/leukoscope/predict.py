@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from leukoscope.data.readers import as_path_list, iter_image_paths
 from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
-from leukoscope.models.inference import prepare_many
+from leukoscope.models.inference import nonfinite_errors, prepare_many
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
 
@@ -101,9 +101,11 @@ def predict_paths(bundle, inputs: str | os.PathLike | Iterable[str | os.PathLike
         batch = prepare_many(bundle, names, [per_path.get(n) for n in names])
         errors.extend(batch.errors)
         if batch.ok:
-            parts.append(bundle.predict_proba_prepared(batch.x, batch_size=batch_size, calibrated=calibrated,
-                                                       tta=tta))
-            good.extend(names[i] for i in batch.ok)
+            p = bundle.predict_proba_prepared(batch.x, batch_size=batch_size, calibrated=calibrated, tta=tta)
+            finite, bad = nonfinite_errors(p, [names[i] for i in batch.ok])  # never a call: an error
+            errors.extend(bad)
+            parts.append(p[finite])
+            good.extend(names[i] for i, f in zip(batch.ok, finite) if f)
         if bar is not None:
             bar.update(len(names))
     if bar is not None:

@@ -107,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue from RUN/checkpoint.pt (the default whenever RUN holds one)")
-    g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in RUN and start over")
+    g.add_argument("--restart", action="store_true",
+                   help="ignore an existing checkpoint or finished model in RUN and train again from the start")
 
 
 def run(args: argparse.Namespace) -> int:

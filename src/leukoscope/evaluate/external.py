@@ -45,7 +45,7 @@ from leukoscope.evaluate.metrics import overall_metrics, per_class_fold_metrics
 from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json
-from leukoscope.models.inference import forward
+from leukoscope.models.inference import forward, nonfinite_errors
 from leukoscope.models.ood import REFERENCE_KEY, feature_distances, ood_check, prepare_images
 
 
@@ -142,6 +142,11 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
     f = out.features
     plain = out.probabilities(bundle.temperature, tta=False)
     probs = out.probabilities(bundle.temperature)  # the mean over the 8 views with tta
+    finite, bad = nonfinite_errors(probs, df["path"].iloc[ok].astype(str))  # never a call: an error
+    if bad:
+        errors = list(errors) + bad
+        ok = [i for i, g in zip(ok, finite) if g]
+        f, plain, probs, col = f[finite], plain[finite], probs[finite], col[finite]
     rows = df.iloc[ok].reset_index(drop=True)
     pred = predictions_table(rows["path"].tolist(), probs, classes, label=rows["label"].to_numpy(),
                              fold=np.zeros(len(rows), dtype=int))

@@ -213,7 +213,16 @@ def load_rgb(path: str | os.PathLike, *, max_pixels: int = MAX_CELL_PIXELS) -> n
     return to_rgb(arr, path=path)
 
 
+def _allow_pillow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb limit (89 MP warns, 179 MP fails by default) to ``max_pixels``
+    where it is lower: our check of the header's size against ``max_pixels`` (before any pixel is decoded)
+    is the guard, and Pillow's lower default refused legitimate 89-400 MP fields. Never lowered."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
 def _load_pil(path: Path, max_pixels: int) -> np.ndarray:
+    _allow_pillow_pixels(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -3,7 +3,8 @@
 The metadata JSON lives under the safetensors header key ``leukoscope``: classes
 (taxonomy order), model name, input_size, mean, std, um_per_px at the model input,
 temperature, the effective config, the training-data fingerprint, validation
-metrics, library versions and the intended use. Loading never unpickles.
+metrics, library versions and the intended use. Loading never unpickles. A bundle whose
+weights hold a NaN or infinite value is neither written nor loaded (:func:`nonfinite_tensors`).
 
 >>> b = load_bundle("runs/pbc/model.safetensors")          # doctest: +SKIP
 >>> b.classes[:2], b.meta["temperature"]                    # doctest: +SKIP
@@ -142,6 +143,17 @@ class ModelBundle:
         return self
 
 
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold a NaN or infinite value."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _nonfinite_message(file, bad: list[str]) -> str:
+    return (f"{file}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): the model is broken (a diverged training run?); retrain it")
+
+
 def _state_for_file(model) -> dict:
     sd = model.module.state_dict() if hasattr(model, "module") else model.state_dict()
     return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
@@ -184,8 +196,12 @@ def save_bundle(model, meta: dict, path: str | os.PathLike) -> Path:
             raise ValueError(f"bundle metadata lacks {key!r}")
     meta = {**meta, PIPELINE_KEY: Pipeline.from_meta(meta).to_dict()}  # as the fields say (Pipeline.from_meta)
     text = json.dumps(meta, default=_json_default, allow_nan=True)
+    state = _state_for_file(model)
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ValueError(_nonfinite_message(path, bad) + "; not written")
     with atomic_path(path) as tmp:
-        save_file(_state_for_file(model), str(tmp), metadata={META_KEY: text})
+        save_file(state, str(tmp), metadata={META_KEY: text})
     return Path(path)
 
 
@@ -263,7 +279,8 @@ def check_meta(meta, path: str | os.PathLike = "<bundle>") -> None:
 
 
 def load_bundle(path: str | os.PathLike, device: str = "cpu") -> ModelBundle:
-    """Load a bundle (no pickle: safetensors only). Raises :class:`NotABundleError` naming the file."""
+    """Load a bundle (no pickle: safetensors only). Raises :class:`NotABundleError` naming the file,
+    also when a weight tensor holds a NaN or infinite value."""
     meta = read_meta(path)
     file = meta.pop("_file")
     kwargs = (meta.get("config") or {}).get("model_kwargs") or {}
@@ -276,6 +293,9 @@ def load_bundle(path: str | os.PathLike, device: str = "cpu") -> ModelBundle:
             safetensors.SafetensorError) as exc:
         raise NotABundleError(f"{file}: not a usable LeukoScope model bundle ({type(exc).__name__}: "
                               f"{str(exc)[:300]})") from None
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NotABundleError(_nonfinite_message(file, bad))
     if missing or unexpected:
         raise NotABundleError(f"{file}: weights do not fit model {meta['model']!r} "
                               f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")

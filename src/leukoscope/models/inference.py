@@ -10,7 +10,9 @@
   (:mod:`leukoscope.models.precision`).
 
 ``predict``, ``evaluate``, ``cv``, ``screen`` and its review page all go through these two
-functions, so that the same pixels always get the same answer.
+functions, so that the same pixels always get the same answer. A row of probabilities that is
+not finite (NaN or infinite: a broken model or input) is never a call: :func:`nonfinite_errors`
+turns those rows into per-image errors (``predict``, ``evaluate``) and ``screen`` refers the cell.
 
 >>> from leukoscope.models import load_bundle                                  # doctest: +SKIP
 >>> b = load_bundle("runs/pbc/model.safetensors")                              # doctest: +SKIP
@@ -105,6 +107,26 @@ def prepare_batch(bundle, images, um_per_px=None) -> np.ndarray:
     for i, (img, um) in enumerate(zip(items, ums)):
         out[i] = pipe.prepare(load_rgb(img) if isinstance(img, (str, os.PathLike)) else np.asarray(img), um)
     return out
+
+
+# --------------------------------------------------------------------------- non-finite outputs
+
+#: The error of an image whose probabilities are not finite.
+NONFINITE_REASON = ("the model's probabilities for this image are not finite (NaN or infinite): no call; "
+                    "the model or the input is broken")
+
+
+def finite_rows(probs) -> np.ndarray:
+    """Boolean mask: the rows of ``probs`` (``(N, C)``) whose values are all finite."""
+    p = np.asarray(probs, dtype=np.float64)
+    return np.isfinite(p).all(axis=1) if p.ndim == 2 else np.zeros(0, dtype=bool)
+
+
+def nonfinite_errors(probs, names) -> tuple[np.ndarray, list[dict]]:
+    """``(finite mask, errors)``: the rows of ``probs`` that may be called, and ``{"path", "reason"}`` for
+    each image (``names``, one per row) whose probabilities hold a NaN or infinite value."""
+    ok = finite_rows(probs)
+    return ok, [{"path": str(n), "reason": NONFINITE_REASON} for n, good in zip(names, ok) if not good]
 
 
 # --------------------------------------------------------------------------- the forward pass

@@ -167,6 +167,9 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     for the human comparison. ``saliency_per_class=0`` skips saliency maps;
     ``n_boot=0`` skips bootstrap intervals.
     """
+    for name, v, least in (("n_boot", n_boot, 0), ("saliency_per_class", saliency_per_class, 0), ("n_bins", n_bins, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+            raise ValueError(f"{name} must be a whole number of at least {least}, got {v!r}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise NotADirectoryError(f"{run_dir}: not a run folder")

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
-from leukoscope.io import atomic_write_csv, atomic_write_json
+from leukoscope.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from leukoscope.models.inference import finite_rows
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
@@ -292,7 +293,8 @@ class ScreenEngine:
             per_image.append(entry)
         ok = [r for r in results if r.status == "ok"]
         overall = count_summary(cells.pred.tolist(), cells.p_blast.to_numpy(), self.classes)
-        overall.update({"images": len(results), "images_ok": len(ok), "images_failed": len(results) - len(ok)})
+        overall.update({"images": len(results), "images_ok": len(ok), "images_failed": len(results) - len(ok),
+                        "cells_nonfinite": int(cells["confidence"].isna().sum())})  # referred: no call
         summary = {
             "intended_use": INTENDED_USE,
             "model": {"file": getattr(self.bundle, "path", None), "name": self.meta.get("model"),
@@ -313,11 +315,12 @@ class ScreenEngine:
             return pd.DataFrame(columns=cell_columns(self.classes))
         cells = cells.copy()
         probs = cells[[f"prob_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
+        finite = finite_rows(probs)  # NaN/inf probabilities: referred, no call (confidence NaN)
         top = probs.argmax(axis=1)
-        conf = probs.max(axis=1)
-        cells["model_pred"] = [self.classes[i] for i in top]
+        conf = np.where(finite, probs.max(axis=1), np.nan)
+        cells["model_pred"] = [self.classes[i] if f else UNIDENTIFIED for i, f in zip(top, finite)]
         cells["confidence"] = conf
-        cells["referred"] = conf < self.refer_below
+        cells["referred"] = ~finite | (conf < self.refer_below)
         cells["pred"] = np.where(cells["referred"], UNIDENTIFIED, cells["model_pred"])
         cells["p_blast"] = taxonomy.binary_scores(probs, self.classes, "blast")
         cells["p_atypical"] = taxonomy.binary_scores(probs, self.classes, "atypical")
@@ -434,7 +437,7 @@ class _Checkpoint:
         if path.exists():
             done, cal = cls._read(path, header)
         if not done and cal is None:
-            path.write_text(json.dumps(header) + "\n", encoding="utf-8")
+            atomic_write_text(json.dumps(header) + "\n", path)
         return cls(path, header, done, cal)
 
     @staticmethod
@@ -458,8 +461,8 @@ class _Checkpoint:
                 cal = StainCalibration(**rec["calibration"])
             elif "tile" in rec:
                 done[int(rec["tile"])] = pd.DataFrame(rec["cells"], columns=rec["columns"])
-        if len(valid) < len(lines):  # drop the cut line so that new tiles append cleanly
-            path.write_text("\n".join(valid) + "\n", encoding="utf-8")
+        if len(valid) < len(lines):  # drop the cut line so that new tiles append cleanly (atomically:
+            atomic_write_text("\n".join(valid) + "\n", path)  # a crash now must not lose the valid tiles)
         return done, cal
 
     def set_calibration(self, cal: StainCalibration) -> None:

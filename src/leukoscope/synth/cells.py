@@ -450,7 +450,7 @@ def cell_seed(seed: int, cls: str, index: int) -> int:
 def _write_one(job) -> str:
     cls, seed, size, path, lab = job
     img = make_cell(cls, seed, size, lab=lab)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=False) as tmp:  # one of thousands, made again from the seed: no fsync
         tifffile.imwrite(tmp, img, photometric="rgb")
     return str(path)
 

@@ -52,6 +52,7 @@ from leukoscope.models.heads import body_batchnorms
 from leukoscope.models.ood import REFERENCE_KEY, fit_training_reference
 from leukoscope.models.pipeline import normalize
 from leukoscope.models.pretrained import file_sha256
+from leukoscope.train.checkpoint import holds_run_lock
 from leukoscope.train.config import TrainConfig
 from leukoscope.train.loop import resolve_training_scale, table_fingerprint
 from leukoscope.train.trainer import Trainer
@@ -122,6 +123,7 @@ def _lineage(parent_meta: dict, parent_file: Path, mode: str, lab: pd.DataFrame,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}
 
 
+@holds_run_lock
 def adapt(model_path: str | os.PathLike, lab_table: pd.DataFrame, out: str | os.PathLike, *,
           replay_table: pd.DataFrame | None = None, replay_per_class: int = REPLAY_PER_CLASS,
           k_per_class: int | None = None, seed: int = 0, epochs: int | None = None, per_class: int | None = None,
@@ -141,7 +143,8 @@ def adapt(model_path: str | os.PathLike, lab_table: pd.DataFrame, out: str | os.
     :func:`~leukoscope.imaging.scale_policy.check_um_per_px`); it becomes the lab table's stated
     ``um_per_px``, which the scale policy uses before any estimate, as for ``train``'s data (the
     replay keeps its own). Everything else (model, input, augmentation, scale mode, white
-    balance) is the parent's. See the module docstring for what is fitted on what.
+    balance) is the parent's. See the module docstring for what is fitted on what. ``out`` is locked
+    meanwhile (:func:`leukoscope.train.checkpoint.run_lock`: a second process is refused).
     """
     if um_per_px is not None:
         um_per_px = check_um_per_px(um_per_px, "adapt(um_per_px=...)")

@@ -37,6 +37,7 @@ True
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, fields, replace
 
 from leukoscope.imaging.scale_policy import check_um_per_px
@@ -46,6 +47,10 @@ from leukoscope.models.registry import get_config
 SCALE_MODES = ("stated", "estimate")
 #: Values of ``balance_by``: what an epoch draws ``per_class`` images of.
 BALANCE_MODES = ("class", "source_class")
+
+
+#: The smallest model input (pixels) a run may ask for.
+MIN_INPUT_SIZE = 32
 
 
 def _opt(help: str, **cli) -> dict:
@@ -229,8 +234,47 @@ class TrainConfig:
         else:
             raise AttributeError(f"unknown training setting {name!r}")
 
+    def check(self) -> "TrainConfig":
+        """Raise ``ValueError`` naming the option when a setting lies outside its range (before any
+        work: :meth:`resolved` calls it, so the API and the command line share the checks); returns self."""
+        problems = []
+
+        def need(name: str, ok, what: str, integer: bool = False) -> None:
+            v = getattr(self, name)
+            bad_type = isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer())
+            if bad_type or not math.isfinite(float(v)) or not ok(v):
+                problems.append(f"{name} must be {what}, got {v!r} (--{name.replace('_', '-')})")
+
+        if self.init_from:  # 0 epochs: the bundle's weights as they are, the head grown, the temperature re-fitted
+            need("epochs", lambda v: v >= 0, "a whole number, 0 or more", True)
+        else:
+            need("epochs", lambda v: v >= 1, "a whole number of at least 1 (0 only with --init-from)", True)
+        need("per_class", lambda v: v >= 1, "a whole number of at least 1", True)
+        need("batch_size", lambda v: v >= 1, "a whole number of at least 1", True)
+        if self.input_size is not None:
+            need("input_size", lambda v: v >= MIN_INPUT_SIZE, f"a whole number of at least {MIN_INPUT_SIZE} pixels",
+                 True)
+        if self.um_per_px is not None:
+            need("um_per_px", lambda v: v > 0, "a positive number (µm per pixel of the model input)")
+        need("lr", lambda v: v > 0, "positive")
+        need("weight_decay", lambda v: v >= 0, "0 or more")
+        need("warmup_epochs", lambda v: v >= 0, "0 or more")
+        need("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)")
+        need("patience", lambda v: v >= 1, "a whole number of at least 1", True)
+        need("val_fraction", lambda v: 0 <= v < 1, "in [0, 1) (a fraction of each class; 0: no validation)")
+        need("head_warmup_epochs", lambda v: v >= 0, "a whole number, 0 or more", True)
+        need("body_lr_scale", lambda v: v > 0, "positive")
+        for name in ("brightness", "contrast", "saturation"):
+            need(name, lambda v: 0 <= v <= 1, "in [0, 1]")
+        for name in ("stain_jitter", "gamma", "blur"):
+            need(name, lambda v: v >= 0, "0 or more")
+        if problems:
+            raise ValueError("training settings out of range: " + "; ".join(problems))
+        return self
+
     def resolved(self) -> "TrainConfig":
-        """A copy with model defaults filled in (input size, µm/px), its choices checked."""
+        """A copy with model defaults filled in (input size, µm/px), its ranges (:meth:`check`) and choices checked."""
+        self.check()
         mc = get_config(self.model, input_size=self.input_size)
         c = copy.deepcopy(self)
         c.input_size = mc.input_size
@@ -242,9 +286,7 @@ class TrainConfig:
             raise ValueError(f"scale must be one of {', '.join(SCALE_MODES)}, got {c.scale!r}")
         if c.balance_by not in BALANCE_MODES:
             raise ValueError(f"balance_by must be one of {', '.join(BALANCE_MODES)}, got {c.balance_by!r}")
-        if not c.body_lr_scale > 0:
-            raise ValueError(f"body_lr_scale must be positive, got {c.body_lr_scale!r}")
-        return c
+        return c.check()
 
     def to_dict(self) -> dict:
         """The flat form: ``{setting: value}`` (``config.json``, checkpoints, bundle metadata)."""

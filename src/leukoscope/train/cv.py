@@ -11,11 +11,14 @@ fingerprint, folds, classes), ``fold{K}/`` (a training run each, plus
 ``test_predictions.csv``), ``predictions.csv`` (``path,label,fold,pred,prob_<CLASS>...``,
 one row per image, from the fold where it was tested) and ``cv_summary.json``.
 A fold whose model and test predictions exist is not retrained; an interrupted fold resumes
-from its checkpoint.
+from its checkpoint. ``out`` is locked while the run writes it
+(:func:`leukoscope.train.checkpoint.run_lock`), and a folder begun with other data or another
+config (its ``config.json``) is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -35,7 +38,8 @@ from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.models.bundle import load_bundle
 from leukoscope.train.cache import build_cache
-from leukoscope.train.config import TrainConfig
+from leukoscope.train.checkpoint import RunMismatchError, check_same_data, holds_run_lock
+from leukoscope.train.config import FLAT, TrainConfig, config_diff
 from leukoscope.train.loop import resolve_training_scale, table_fingerprint
 from leukoscope.train.trainer import train
 
@@ -72,6 +76,24 @@ def drop_small_classes(table: pd.DataFrame, folds: int, min_images: int | None =
     return table, small
 
 
+def _check_same_run(config_file: Path, cfg: TrainConfig, fingerprint: str) -> None:
+    """Refuse a cross-validation folder begun with another config or other data."""
+    if not config_file.exists():
+        return
+    try:
+        before = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # unreadable: rewritten below
+    hint = "choose a new --out, or delete it to start over"
+    diff = config_diff({k: v for k, v in before.items() if k in FLAT or k in ("seed", "preset")}, cfg.to_dict())
+    if diff:
+        raise RunMismatchError(f"{config_file.parent} holds a cross-validation run with a different config "
+                               f"({'; '.join(diff[:4])}); {hint}")
+    check_same_data(before.get("data_fingerprint"), fingerprint,
+                    f"{config_file.parent} holds a cross-validation run that", hint=hint)
+
+
+@holds_run_lock
 def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = None, *, folds: int = 5,
                    split: pd.DataFrame | str | os.PathLike | None = None, seed: int | None = None,
                    progress: bool = True, log: Callable[[str], None] = print) -> CVResult:
@@ -112,9 +134,10 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
         raise ValueError(f"the split has {len(fold_ids)} fold(s); cross-validation needs at least 2")
     table, dropped = drop_small_classes(table, len(fold_ids), log=log)
     sp = sp[sp["path"].isin(set(table["path"]))].reset_index(drop=True)
-    write_split(sp, split_file)
     classes = tuple(c for c in taxonomy.CLASSES if c in set(table["label"]))
     fingerprint = table_fingerprint(table)
+    _check_same_run(out / "config.json", cfg, fingerprint)
+    write_split(sp, split_file)
     # the images' µm/px once for all folds (one decoded cache): a red-cell estimate uses no labels
     table, training_scale = resolve_training_scale(table, cfg.scale, log=log)
     atomic_write_json({**cfg.to_dict(), "folds": len(fold_ids), "split": source, "classes": list(classes),

@@ -51,6 +51,16 @@ def barrier(info: DistInfo) -> None:
             dist.barrier()
 
 
+def any_rank(flag: bool, info: DistInfo, device="cpu") -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer; ``flag`` itself without DDP),
+    so that all ranks stop together and none waits for a collective that will never come."""
+    if not (info.enabled and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def broadcast_buffers(model, info: DistInfo) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
 

@@ -16,7 +16,16 @@ Outputs in ``out``: ``model.safetensors`` (the bundle), ``metadata.json`` (a cop
 its metadata), ``config.json`` (effective config, flat), ``log.csv`` (one row per epoch)
 and, while training, ``checkpoint.pt`` (written atomically every epoch; a run that
 finds it resumes from it; removed when the bundle is written). A run whose bundle
-exists is not retrained.
+exists is not retrained (``resume=False``, the command line's ``--restart``: it is).
+
+The run folder is locked while a run writes it (:func:`leukoscope.train.checkpoint.run_lock`:
+a second process is refused, naming the holder's pid). The data's fingerprint (``data_fingerprint``,
+else :func:`leukoscope.train.loop.table_fingerprint` of the table as given) is recorded in every
+checkpoint and the bundle (``meta["fingerprint"]``); resuming or re-running a finished run with
+other data or another config is an error (:class:`~leukoscope.train.checkpoint.RunMismatchError`).
+A non-finite loss, validation loss or weight stops the run with
+:class:`TrainingDivergedError`: no bundle is written and the last checkpoint (every epoch in
+it finite) is kept.
 
 Besides the weights, the bundle records the physical scale of the training images
 (``meta["training_scale"]``: the table's µm/px, or with ``scale="estimate"`` the
@@ -74,11 +83,17 @@ from leukoscope.train import bf16 as precision
 from leukoscope.train.augment import augment_batch
 from leukoscope.train.balance import balanced_epoch, shard
 from leukoscope.train.cache import build_cache
-from leukoscope.train.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from leukoscope.train.checkpoint import (RESTART_HINT, RunMismatchError, check_resumable, check_same_data,
+                                         load_checkpoint, run_lock, save_checkpoint)
 from leukoscope.train.config import TrainConfig, config_diff
-from leukoscope.train.distributed import barrier, broadcast_buffers, init_distributed, pick_device
+from leukoscope.train.distributed import any_rank, barrier, broadcast_buffers, init_distributed, pick_device
 from leukoscope.train.loop import classes_of, resolve_training_scale, table_fingerprint
 from leukoscope.train.threads import tuner_for
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss, the validation loss or a weight became NaN or infinite: the run stopped without a model."""
+
 
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_balanced_acc", "lr", "images_per_s", "seconds"]
 
@@ -170,6 +185,8 @@ class Trainer:
         self.cache, self.progress, self.log = cache, progress, log
         self.on_epoch_end, self.resume = on_epoch_end, resume
         self.data_fingerprint, self.training_scale = data_fingerprint, training_scale
+        # what the run folder remembers it was trained on: the data as given (before unreadable images are left out)
+        self.fingerprint = data_fingerprint or table_fingerprint(table)
         self.bundle_path = self.out / "model.safetensors"
         self.ckpt_path = self.out / "checkpoint.pt"
         self.dist = init_distributed()
@@ -177,28 +194,32 @@ class Trainer:
     # ------------------------------------------------------------------ the recipe
 
     def fit(self) -> TrainResult:
-        finished = self.finished_run()
-        if finished is not None:
-            return finished
-        self.prepare_data()
-        self.build_model()
-        self.resume_or_start()
-        self.run_epochs()
-        return self.finish()
+        with run_lock(self.out):
+            finished = self.finished_run() if self.resume else None
+            if finished is not None:
+                return finished
+            self.checkpoint = self.read_checkpoint()
+            self.prepare_data()
+            self.build_model()
+            self.resume_or_start()
+            self.run_epochs()
+            return self.finish()
 
     # ------------------------------------------------------------------ steps
 
     def finished_run(self) -> TrainResult | None:
-        """The result of an earlier call whose bundle exists (same config), else ``None``."""
-        if not self.bundle_path.exists():
+        """The result of an earlier call whose bundle exists (same config, same data), else ``None``
+        (also when a checkpoint lies beside the bundle: a restarted run, interrupted, resumes)."""
+        if not self.bundle_path.exists() or self.ckpt_path.exists():
             return None
         meta = read_meta(self.bundle_path)
         meta.pop("_file", None)
         diff = config_diff(meta.get("config", {}), self.cfg.to_dict())
         if diff:
-            raise ValueError(f"{self.out} already holds a finished model trained with a different config "
-                             f"({'; '.join(diff[:4])}); choose a new --out or delete {self.bundle_path}")
-        self.log(f"{self.out}: already finished; not retrained (delete {self.bundle_path} to train again)")
+            raise RunMismatchError(f"{self.out} already holds a finished model trained with a different config "
+                                   f"({'; '.join(diff[:4])}); {RESTART_HINT}")
+        check_same_data(meta.get("fingerprint"), self.fingerprint, f"{self.out} already holds a finished model that")
+        self.log(f"{self.out}: already finished; not retrained (--restart to train again)")
         log_csv = self.out / "log.csv"
         logdf = pd.read_csv(log_csv) if log_csv.exists() else pd.DataFrame(columns=LOG_COLUMNS)
         return TrainResult(self.out, self.bundle_path, meta, logdf, reused=True)
@@ -210,6 +231,10 @@ class Trainer:
             raise ValueError("no training images")
         if cfg.balance_by == "source_class" and "source" not in table:
             raise ValueError("balance_by='source_class' needs a 'source' column in the training table")
+        given = classes_of(list(table["label"]) + (self.fixed_classes or []))
+        if len(given) < 2:
+            raise ValueError(f"training needs at least 2 classes; the data hold {len(given)} "
+                             f"({', '.join(given) or 'none'})")
         if self.training_scale is None:
             table, self.training_scale = resolve_training_scale(table, cfg.scale, log=self.log)
         has_scale = "um_per_px" in table and table["um_per_px"].notna().any()
@@ -283,14 +308,23 @@ class Trainer:
         self.tuner = tuner_for(self.device, cfg.threads, dist.enabled)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
+    def read_checkpoint(self) -> dict | None:
+        """The checkpoint of an interrupted run when resuming, checked for config and data (before any
+        image is decoded); ``None`` when there is none or ``resume=False``."""
+        if not (self.resume and self.ckpt_path.exists()):
+            return None
+        ck = load_checkpoint(self.ckpt_path)
+        check_resumable(ck, self.cfg.to_dict(), ck.get("classes", []), self.ckpt_path, self.fingerprint)
+        return ck
+
     def resume_or_start(self) -> None:
-        """Load the checkpoint of an interrupted run (same config and classes), and write ``config.json``."""
+        """Load the checkpoint of an interrupted run (same config, classes and data), and write ``config.json``."""
         self.state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "log": [],
                       "best_model": None}
         self.resumed_from = 0
-        if self.ckpt_path.exists() and self.resume:
-            ck = load_checkpoint(self.ckpt_path)
-            check_resumable(ck, self.cfg.to_dict(), self.classes, self.ckpt_path)
+        ck = getattr(self, "checkpoint", None)
+        if ck is not None:
+            check_resumable(ck, self.cfg.to_dict(), self.classes, self.ckpt_path, self.fingerprint)
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
@@ -339,6 +373,11 @@ class Trainer:
             t_step = time.time()
             bi = order[i:i + cfg.batch_size]
             loss = self.step(self.x_tr[torch.as_tensor(bi)], self.y_tr[bi], gen)
+            if any_rank(not math.isfinite(loss), dist, self.device):  # all ranks stop together
+                if bar is not None:
+                    bar.close()
+                here = loss if not math.isfinite(loss) else "not finite on another rank"
+                self.diverged(f"the training loss is {here} at epoch {epoch + 1}, step {i // cfg.batch_size + 1}")
             losses.append(loss)
             seen += len(bi)
             t_train += time.time() - t_step
@@ -371,11 +410,30 @@ class Trainer:
         self.scheduler.step()
         return float(loss.detach())
 
+    def diverged(self, what: str):
+        """Stop the run: raise :class:`TrainingDivergedError` saying what became non-finite and what is kept."""
+        kept = (f"; {self.ckpt_path} (after epoch {int(self.state['epoch'])}, all finite) is kept, but resuming "
+                "from it with the same settings would diverge again" if self.ckpt_path.exists() and self.state["epoch"]
+                else "")
+        raise TrainingDivergedError(
+            f"training diverged: {what} (peak learning rate {self.cfg.lr:g}); no model was written{kept}. "
+            f"Lower --lr and train again with --restart")
+
+    def check_finite_weights(self, epoch: int) -> None:
+        """:meth:`diverged` when a weight or buffer of the model is NaN or infinite after ``epoch``."""
+        for name, t in self.model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                self.diverged(f"weight {name} is not finite after epoch {epoch}")
+
     def end_epoch(self, epoch: int, losses, seen: int, t_train: float, t_epoch: float) -> dict:
-        """Validate, update early stopping and the best weights, checkpoint, log; returns the log row."""
+        """Validate, update early stopping and the best weights, checkpoint, log; returns the log row.
+        Non-finite weights or validation loss stop the run (:meth:`diverged`) before the checkpoint."""
         cfg, state, n_val = self.cfg, self.state, len(self.va_idx)
         broadcast_buffers(self.model, self.dist)  # every rank validates the same model
+        self.check_finite_weights(epoch)
         m = validation_metrics(self.validation_logits(), self.y_va, self.classes) if n_val else {}
+        if n_val and not math.isfinite(m["loss"]):
+            self.diverged(f"the validation loss is {m['loss']} after epoch {epoch}")
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                "val_loss": m.get("loss", float("nan")), "val_balanced_acc": m.get("balanced_accuracy", float("nan")),
                "lr": float(self.optimizer.param_groups[0]["lr"]),
@@ -397,7 +455,7 @@ class Trainer:
             save_checkpoint(self.ckpt_path, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "config": cfg.to_dict(), "classes": list(self.classes),
-                **state})
+                "data_fingerprint": self.fingerprint, **state})
             atomic_write_csv(pd.DataFrame(state["log"], columns=LOG_COLUMNS), self.out / "log.csv")
         barrier(self.dist)
         return row
@@ -448,7 +506,7 @@ class Trainer:
         meta = make_meta(
             classes=self.classes, model=cfg.model, input_size=cfg.input_size, mean=self.mcfg.mean, std=self.mcfg.std,
             um_per_px=self.model_um, temperature=temperature, config=cfg.to_dict(),
-            fingerprint=self.data_fingerprint or table_fingerprint(self.table), metrics=metrics,
+            fingerprint=self.fingerprint, metrics=metrics,
             channels_last=self.use_cl, inference_bf16=infer_bf16,
             train_counts={c: int(n) for c, n in zip(self.classes, self.counts)},
             training_scale=self.training_scale, white_balance=bool(cfg.white_balance), pretrained=started,
