@@ -195,6 +195,9 @@ COARSE_MIN_AREA = 0.5
 #: Windows are refined one by one while they cover less than this fraction of the field,
 #: else the whole field is analysed at once (little saving left to make).
 WINDOW_FRACTION = 0.6
+#: Fields of fewer pixels are analysed whole (a camera field: the candidate search would cost more
+#: than it saves).
+SMALL_FIELD_PX = 1_500_000
 
 
 def refine_margin_um(params: DetectParams = DetectParams()) -> float:
@@ -295,14 +298,17 @@ def detect_leukocytes_fast(img: np.ndarray, um_per_px: float, params: DetectPara
 
     Candidates come from :func:`candidate_windows` (``within``: see there); each window is analysed
     by :func:`detect_leukocytes` itself, so a cell is found as on the whole field, and keeps the
-    cells whose centre lies near its own candidates. When the windows would cover more than
-    :data:`WINDOW_FRACTION` of the field, the whole field is analysed at once.
+    cells whose centre lies near its own candidates. A field of fewer than :data:`SMALL_FIELD_PX`
+    pixels, or one whose windows would cover more than :data:`WINDOW_FRACTION` of it, is analysed
+    at once.
     """
     um_per_px = check_um_per_px(um_per_px)
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB image, got shape {img.shape}")
     cal = calibration or calibrate(img, um_per_px, params)
+    if img.shape[0] * img.shape[1] < SMALL_FIELD_PX:
+        return detect_leukocytes(img, um_per_px, params, calibration=cal, offset=offset)
     windows = candidate_windows(img, um_per_px, params, cal, within)
     h, w = img.shape[:2]
     if sum((y1 - y0) * (x1 - x0) for (y0, x0, y1, x1), _ in windows) > WINDOW_FRACTION * h * w:

@@ -7,7 +7,12 @@ runs each smear through
     centre is in the tile's core -> crop at the model's field of view -> classify
     (temperature-calibrated) -> checkpoint
 
-and then refers low-confidence cells to an ``unidentified`` group and counts.
+and then refers low-confidence cells to an ``unidentified`` group and counts. A reader thread
+decodes the next tile while one is analysed; detection looks for candidate nuclei at reduced
+resolution and runs the detector only around those whose cell the tile owns
+(:func:`leukoscope.screen.detect.detect_leukocytes_fast`; ``fast=False``: over every tile's
+whole region); cells are classified in batches across tiles and images. Memory holds two tile
+regions and one batch of crops, whatever the scan's size.
 :meth:`ScreenResult.write` writes ``cells.csv``, ``summary.json`` and ``review.html``
 atomically. Every image is screened on its own: a file that cannot be read, a field
 without leukocytes or an absurd scale ends as a clear error or an empty result in
@@ -15,7 +20,8 @@ the summary, and the other images are still screened.
 
 With ``out_dir`` given, each finished tile is appended to
 ``out_dir/checkpoint/<image>.jsonl``; a screen that was interrupted skips the tiles
-already done when it is run again with the same model, settings and files.
+already done when it is run again with the same model, settings and files. Many scans, each
+into a folder of its own with a run index: :func:`leukoscope.screen.batch.screen_batch`.
 
 >>> from leukoscope.models.bundle import load_bundle        # doctest: +SKIP
 >>> engine = ScreenEngine(load_bundle("model.safetensors"))  # doctest: +SKIP
