@@ -112,7 +112,7 @@ def test_cli_screen_per_scan_writes_a_folder_per_scan_and_the_index(three_scans,
     assert (index.cells == 4).all()
     assert not (out / "cells.csv").exists() and all((out / f / "cells.csv").is_file() for f in index.folder)
     printed = capsys.readouterr().out
-    assert "3 of 3 scans screened" in printed and "index.csv" in printed
+    assert "3 of 3 scans screened" in printed and "index.csv" in printed and "leukoscope review" in printed
     assert main(["screen", "model.safetensors", str(three_scans[0].parent), "--out", str(out), "--per-scan",
                  "--quiet"]) == 0
     assert "resumed, 4 cells" in capsys.readouterr().out

@@ -96,4 +96,6 @@ def _run_per_scan(engine: ScreenEngine, smears: list[str], args: argparse.Namesp
         print(f"{row.scan}: {row.status}, {row.cells} cells, blasts {pct} -> {args.out}/{row.folder}")
     ok = int((index.status != "failed").sum())
     print(f"{ok} of {len(index)} scans screened; index: {args.out}/index.csv")
+    if ok:
+        print(f"review, correct and sign off a scan's calls in the browser: leukoscope review {args.out}/<folder>")
     return 0 if ok else 1
