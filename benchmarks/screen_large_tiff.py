@@ -1,22 +1,28 @@
-"""Screening a whole scan larger than memory wants: bounded memory, every cell once.
+"""Screening a whole scan larger than memory wants: throughput, bounded memory, every cell once.
 
     python benchmarks/screen_large_tiff.py [--size 20480] [--um-per-px 0.1] [--model M] [--tmp DIR] [--keep]
+                                           [--old-ref REF | --no-old]
 
 Writes a tiled, JPEG-compressed pyramid-free TIFF of ``size x size`` RGB pixels (20480² =
 1.26 GB uncompressed) from a generator of 512x512 tiles, so that writing never holds the
 scan: the content is synthetic smear blocks (:func:`leukoscope.synth.make_smear`, four
-different ones laid out in a grid) whose leukocyte boxes give the truth. The scan is
-then screened by ``leukoscope screen`` in a child process, and the table reports the
-child's peak resident memory (``getrusage(RUSAGE_CHILDREN).ru_maxrss``), the time, and
-the cells found against the truth (IoU >= 0.5, one to one). The file is written to a
-temporary folder and deleted afterwards unless ``--keep``.
+different ones laid out in a grid) whose leukocyte boxes give the truth. The scan is then
+screened twice by ``leukoscope screen``, each in its own child process: the OLD way (the
+package as it was at ``--old-ref``, before the fast path, extracted with ``git archive``) and
+the NEW way (this checkout). For each, the table reports the wall time and megapixels per
+second, the child's CPU seconds (user + system; on a machine shared with other work the wall
+time depends on the load, the CPU time much less), its peak resident memory
+(``os.wait4``'s ``ru_maxrss`` of that child alone), and the cells found against the truth
+(IoU >= 0.5, one to one); then the ratio, how many boxes the two ways share, and the load
+average before and after. The files are written to a temporary folder and deleted afterwards
+unless ``--keep``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -73,6 +79,37 @@ def write_scan(path: Path, size: int, um: float, block: int = 2048, variants: in
     return truth
 
 
+#: The last commit before the fast screening path (issue 16): the OLD way of the comparison.
+OLD_REF = "c6872f5"
+
+
+def old_package(ref: str, dest: Path) -> Path | None:
+    """``src/`` of the repository at ``ref``, extracted into ``dest``; None when git cannot give it."""
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True).stdout
+        dest.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"old code at {ref} not available ({exc}); measuring the new way only")
+        return None
+    return dest / "src"
+
+
+def screen_child(src: Path, model: Path, scan: Path, out: Path, tile_size: int) -> dict:
+    """Run ``leukoscope screen`` from ``src`` in a child process: wall s, CPU s, peak RSS (MB), return code."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    cmd = [sys.executable, "-m", "leukoscope", "screen", str(model), str(scan), "--out", str(out),
+           "--tile-size", str(tile_size), "--no-review", "--quiet"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_mb": ru.ru_maxrss / 1024,
+            "rc": proc.returncode, "log": stdout[-2000:] + stderr[-4000:]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=20480, help="scan side in pixels (default 20480)")
@@ -81,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="model bundle (default: an untrained plain_cnn at 64 px)")
     ap.add_argument("--tmp", help="folder for the scan (default: a new temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the scan and the outputs")
+    ap.add_argument("--old-ref", default=OLD_REF, help=f"git revision of the OLD way (default {OLD_REF})")
+    ap.add_argument("--no-old", action="store_true", help="measure the new way only")
     args = ap.parse_args(argv)
 
     from leukoscope.screen.detect import match_boxes
@@ -92,33 +131,43 @@ def main(argv=None) -> int:
         truth = write_scan(scan, args.size, args.um_per_px)
         t_write = time.perf_counter() - t
         model = Path(args.model) if args.model else untrained_bundle(work / "untrained.safetensors")
-        out = work / "out"
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "leukoscope", "screen", str(model), str(scan), "--out", str(out),
-               "--tile-size", str(args.tile_size), "--no-review"]
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        t_screen = time.perf_counter() - t
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        if proc.returncode != 0:
-            print(proc.stdout[-2000:], proc.stderr[-4000:])
-            return proc.returncode
-        cells = pd.read_csv(out / "cells.csv")
-        tp, fp, fn, ious = match_boxes(cells[["x0", "y0", "x1", "y1"]].to_numpy(),
-                                       truth[["x0", "y0", "x1", "y1"]].to_numpy(), iou=0.5)
-        raw_gb = args.size * args.size * 3 / 1e9
-        import json
-
-        summary = json.loads((out / "summary.json").read_text())
-        im = summary["images"][0]
-        print(f"{'scan':<28}{args.size}x{args.size} RGB, {args.um_per_px} µm/px, {raw_gb:.2f} GB raw, "
-              f"{scan.stat().st_size / 1e6:.0f} MB on disk (JPEG tiles 512), written in {t_write:.0f} s")
-        print(f"{'screen':<28}{im['tiles']} tiles of {args.tile_size} px, {t_screen:.0f} s "
-              f"({args.size * args.size / 1e6 / t_screen:.1f} MP/s), µm/px from {im['um_per_px_source']}")
-        print(f"{'peak RSS (screen process)':<28}{peak_mb:.0f} MB  ({peak_mb / (raw_gb * 1000):.2f}x of the raw scan)")
-        print(f"{'cells found / truth':<28}{len(cells)} / {len(truth)}  (TP {tp}, FP {fp}, FN {fn}; recall "
-              f"{tp / max(1, tp + fn):.3f}, precision {tp / max(1, tp + fp):.3f}, mean IoU {np.mean(ious):.3f}); "
-              f"cross-tile duplicates removed {im['duplicates_removed']}")
+        ways = {"new": ROOT / "src"}
+        old_src = None if args.no_old else old_package(args.old_ref, work / "old")
+        if old_src is not None:
+            ways = {f"old ({args.old_ref})": old_src, **ways}
+        mp = args.size * args.size / 1e6
+        raw_gb = mp * 3 / 1e3
+        print(f"{'scan':<30}{args.size}x{args.size} RGB, {args.um_per_px} µm/px, {raw_gb:.2f} GB raw, "
+              f"{scan.stat().st_size / 1e6:.0f} MB on disk (JPEG tiles 512), written in {t_write:.0f} s; "
+              f"model {'untrained plain_cnn 64 px' if not args.model else args.model}")
+        load0 = os.getloadavg()
+        rows, boxes = {}, {}
+        for name, src in ways.items():
+            out = work / f"out-{name.split()[0]}"
+            r = screen_child(src, model, scan, out, args.tile_size)
+            if r["rc"] != 0:
+                print(f"{name}: screen failed (exit {r['rc']})\n{r['log']}")
+                return 1
+            cells = pd.read_csv(out / "cells.csv")
+            b = cells[["x0", "y0", "x1", "y1"]].to_numpy()
+            tp, fp, fn, ious = match_boxes(b, truth[["x0", "y0", "x1", "y1"]].to_numpy(), iou=0.5)
+            im = json.loads((out / "summary.json").read_text())["images"][0]
+            boxes[name] = set(map(tuple, b.tolist()))
+            rows[name] = r
+            print(f"{name:<30}{im['tiles']} tiles of {args.tile_size} px: {r['wall_s']:.1f} s wall "
+                  f"({mp / r['wall_s']:.2f} MP/s), {r['cpu_s']:.1f} CPU s ({mp / r['cpu_s']:.2f} MP per CPU s); "
+                  f"peak RSS {r['peak_mb']:.0f} MB; cells {len(cells)} / {len(truth)} (TP {tp}, FP {fp}, FN {fn}; "
+                  f"recall {tp / max(1, tp + fn):.3f}, precision {tp / max(1, tp + fp):.3f}, "
+                  f"mean IoU {np.mean(ious) if len(ious) else float('nan'):.3f}); "
+                  f"cross-tile duplicates removed {im['duplicates_removed']}", flush=True)
+        load1 = os.getloadavg()
+        if len(rows) == 2:
+            (o, ro), (n, rn) = rows.items()
+            same = len(boxes[o] & boxes[n])
+            print(f"{'new / old':<30}{ro['wall_s'] / rn['wall_s']:.2f}x wall, {ro['cpu_s'] / rn['cpu_s']:.2f}x CPU; "
+                  f"boxes in both {same} (old only {len(boxes[o]) - same}, new only {len(boxes[n]) - same})")
+        print(f"{'load average (1/5/15 min)':<30}before {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
+              f"after {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} on {os.cpu_count()} CPUs")
         if args.keep:
             print(f"kept {work}")
     finally:

@@ -1,4 +1,4 @@
-"""``leukoscope screen MODEL SMEAR... --out DIR [--um-per-px X] [--refer-below P] [--tile-size N]``."""
+"""``leukoscope screen MODEL SMEAR... --out DIR [--per-scan] [--um-per-px X] [--refer-below P] [--tile-size N]``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import warnings
 
 from leukoscope.data.readers import iter_image_paths
 from leukoscope.models.bundle import load_bundle
+from leukoscope.screen.batch import screen_batch
 from leukoscope.screen.detect import check_um_per_px
 from leukoscope.screen.engine import DEFAULT_REFER_BELOW, DEFAULT_TILE_SIZE, ScreenEngine, ScreenWarning
 
@@ -19,7 +20,10 @@ DESCRIPTION = (
     "with 95% CIs, flags, the µm/px used and where it came from) and DIR/review.html (a self-contained gallery "
     "sorted by P(blast)). Cells whose calibrated confidence is below --refer-below are counted as "
     "'unidentified' for review. Finished tiles are checkpointed in DIR/checkpoint: an interrupted screen "
-    "resumes where it stopped. Not for diagnostic use."
+    "resumes where it stopped. With --per-scan, every file is a scan of its own: DIR/<scan>/ holds its "
+    "cells.csv, summary.json and review.html, and DIR/index.csv and DIR/index.json list each scan's status "
+    "(ok, resumed, failed), cells, blast percentage and folder; run again, the batch skips finished scans "
+    "and resumes the interrupted one at its tile. Not for diagnostic use."
 )
 
 
@@ -35,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, metavar="N",
                    help=f"tile size in pixels for large scans (default {DEFAULT_TILE_SIZE})")
     p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument("--per-scan", action="store_true",
+                   help="one result folder per scan (file) and a run index DIR/index.csv; resumes an interrupted "
+                        "batch at the scan and tile where it stopped")
+    p.add_argument("--whole-tiles", action="store_true",
+                   help="run the detector over every tile's whole region instead of around candidate nuclei "
+                        "(slower; the same cells)")
     p.add_argument("--no-review", action="store_true", help="do not write review.html")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -44,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
         check_um_per_px(args.um_per_px, "--um-per-px")
     bundle = load_bundle(args.model)
     engine = ScreenEngine(bundle, refer_below=args.refer_below, tile_size=args.tile_size, um_per_px=args.um_per_px,
-                          batch_size=args.batch_size, progress=not args.quiet)
+                          batch_size=args.batch_size, progress=not args.quiet, fast=not args.whole_tiles)
     smears = [str(p) for p in iter_image_paths(args.smears, keep_empty_dirs=True)]  # empty folder: reported
+    if args.per_scan:
+        return _run_per_scan(engine, smears, args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScreenWarning)  # the same notes are printed per image below
         result = engine.screen(smears, out_dir=args.out)
@@ -70,3 +82,20 @@ def run(args: argparse.Namespace) -> int:
         print("error: no image could be screened", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_per_scan(engine: ScreenEngine, smears: list[str], args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScreenWarning)  # each scan's notes are in its summary.json
+        index = screen_batch(engine, smears, args.out, review=not args.no_review)
+    for row in index.itertuples():
+        if row.status == "failed":
+            print(f"error: {row.error}", file=sys.stderr)
+            continue
+        pct = "n/a" if row.blast_pct is None or row.blast_pct != row.blast_pct else f"{row.blast_pct:.1f}%"
+        print(f"{row.scan}: {row.status}, {row.cells} cells, blasts {pct} -> {args.out}/{row.folder}")
+    ok = int((index.status != "failed").sum())
+    print(f"{ok} of {len(index)} scans screened; index: {args.out}/index.csv")
+    if ok:
+        print(f"review, correct and sign off a scan's calls in the browser: leukoscope review {args.out}/<folder>")
+    return 0 if ok else 1

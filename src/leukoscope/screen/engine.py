@@ -7,7 +7,12 @@ runs each smear through
     centre is in the tile's core -> crop at the model's field of view -> classify
     (temperature-calibrated) -> checkpoint
 
-and then refers low-confidence cells to an ``unidentified`` group and counts.
+and then refers low-confidence cells to an ``unidentified`` group and counts. A reader thread
+decodes the next tile while one is analysed; detection looks for candidate nuclei at reduced
+resolution and runs the detector only around those whose cell the tile owns
+(:func:`leukoscope.screen.detect.detect_leukocytes_fast`; ``fast=False``: over every tile's
+whole region); cells are classified in batches across tiles and images. Memory holds two tile
+regions and one batch of crops, whatever the scan's size.
 :meth:`ScreenResult.write` writes ``cells.csv``, ``summary.json`` and ``review.html``
 atomically. Every image is screened on its own: a file that cannot be read, a field
 without leukocytes or an absurd scale ends as a clear error or an empty result in
@@ -15,7 +20,8 @@ the summary, and the other images are still screened.
 
 With ``out_dir`` given, each finished tile is appended to
 ``out_dir/checkpoint/<image>.jsonl``; a screen that was interrupted skips the tiles
-already done when it is run again with the same model, settings and files.
+already done when it is run again with the same model, settings and files. Many scans, each
+into a folder of its own with a run index: :func:`leukoscope.screen.batch.screen_batch`.
 
 >>> from leukoscope.models.bundle import load_bundle        # doctest: +SKIP
 >>> engine = ScreenEngine(load_bundle("model.safetensors"))  # doctest: +SKIP
@@ -30,6 +36,7 @@ import json
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -46,7 +53,7 @@ from leukoscope.models.inference import finite_rows
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
-                                      detect_leukocytes, work_factor)
+                                      detect_leukocytes, detect_leukocytes_fast, work_factor)
 from leukoscope.screen.review import write_review
 from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, tile_grid
 
@@ -122,12 +129,16 @@ class ScreenEngine:
     already through its pipeline, :func:`leukoscope.screen.crops.model_crops`).
     ``um_per_px``: the smears' scale, overriding the files' metadata (None: from the file,
     else estimated from red cells with a warning). ``refer_below``: cells whose calibrated
-    top probability is below it are ``unidentified``.
+    top probability is below it are ``unidentified``. ``fast``: detect by
+    :func:`leukoscope.screen.detect.detect_leukocytes_fast` (candidates at reduced resolution, the
+    detector run only around them and only for cells a tile owns) instead of running
+    :func:`~leukoscope.screen.detect.detect_leukocytes` over every tile's whole read region; the same
+    settings, the same cells.
     """
 
     def __init__(self, bundle, refer_below: float = DEFAULT_REFER_BELOW, tile_size: int = DEFAULT_TILE_SIZE,
                  um_per_px: float | None = None, params: DetectParams | None = None, batch_size: int = 64,
-                 progress: bool = True):
+                 progress: bool = True, fast: bool = True):
         if not (0.0 <= float(refer_below) <= 1.0):
             raise ValueError(f"refer_below must be a probability in [0, 1], got {refer_below}")
         if int(tile_size) < 256:
@@ -139,6 +150,7 @@ class ScreenEngine:
         self.params = params or DetectParams()
         self.batch_size = int(batch_size)
         self.progress = progress
+        self.fast = bool(fast)
         self.meta = dict(bundle.meta)
         self.classes = tuple(bundle.classes)
         for c in self.classes:
@@ -231,21 +243,39 @@ class ScreenEngine:
         st.res.tiles_resumed = sum(1 for t in tiles if t.index in done)
         st.frames.update({t.index: done[t.index] for t in tiles if t.index in done})
         todo = [t for t in tiles if t.index not in done]
-        it = todo
+        bar = None
         if self.progress and len(tiles) > 1:
-            it = tqdm(todo, desc=Path(smear.path).name, unit="tile", initial=st.res.tiles_resumed, total=len(tiles))
-        for tile in it:
-            det, crops = self.detect_tile(smear, tile, um, cal)
-            if det.empty:
-                st.tile_done(tile.index, self._empty_cells())
-            else:
-                queue.add(st, tile.index, det, crops)
+            bar = tqdm(desc=Path(smear.path).name, unit="tile", initial=st.res.tiles_resumed, total=len(tiles))
+        # a reader thread decodes the next tile while this one is analysed (the decoders release the GIL);
+        # two regions at most are held at a time, whatever the scan's size
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukoscope-read") as reader:
+            pending = reader.submit(smear.read, *todo[0].read) if todo else None
+            for k, tile in enumerate(todo):
+                region = pending.result()
+                pending = reader.submit(smear.read, *todo[k + 1].read) if k + 1 < len(todo) else None
+                det, crops = self.detect_tile(smear, tile, um, cal, region=region)
+                del region
+                if det.empty:
+                    st.tile_done(tile.index, self._empty_cells())
+                else:
+                    queue.add(st, tile.index, det, crops)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
 
-    def detect_tile(self, smear: Smear, tile: Tile, um: float, cal: StainCalibration):
-        """Detections whose centre lies in ``tile``'s core, and their model inputs."""
+    def detect_tile(self, smear: Smear, tile: Tile, um: float, cal: StainCalibration, region: np.ndarray | None = None):
+        """Detections whose centre lies in ``tile``'s core, and their model inputs (``region``: the tile's
+        read region when already read)."""
         ry0, rx0, ry1, rx1 = tile.read
-        region = smear.read(ry0, rx0, ry1, rx1)
-        det = detect_leukocytes(region, um, self.params, calibration=cal, offset=(rx0, ry0))
+        if region is None:
+            region = smear.read(ry0, rx0, ry1, rx1)
+        if self.fast:
+            cy0, cx0, cy1, cx1 = tile.core
+            det = detect_leukocytes_fast(region, um, self.params, calibration=cal, offset=(rx0, ry0),
+                                         within=(cy0 - ry0, cx0 - rx0, cy1 - ry0, cx1 - rx0))
+        else:
+            det = detect_leukocytes(region, um, self.params, calibration=cal, offset=(rx0, ry0))
         if not det.empty:
             det = det[[tile.owns(cx, cy) for cx, cy in zip(det.cx, det.cy)]].reset_index(drop=True)
         if det.empty:
