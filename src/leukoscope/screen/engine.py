@@ -230,10 +230,10 @@ class ScreenEngine:
         try:
             smear = smear_from_array(source, None, label) if isinstance(source, np.ndarray) else open_smear(source)
             st.res.height, st.res.width = smear.shape
-            if scale is None:
+            if scale is None or scale.code == "given":  # given: this smear's own note if it overrides the file's
                 um, src, notes = self.resolve_scale(smear)
                 code = "given" if self.um_per_px is not None else (smear.um_code or "field_estimate")
-                scale = FieldScale(um, code, src, notes)
+                scale = FieldScale(um, code, src, notes, group=scale.group if scale is not None else None)
             elif scale.error:
                 raise ValueError(scale.error)
             else:

@@ -63,7 +63,9 @@ def screen_scales(sources: Sequence, labels: Sequence[str], policy: ScalePolicy,
     inputs = []
     for i, (src, label) in enumerate(zip(sources, labels)):
         group = groups[i] if groups is not None else default_group(src)
-        if isinstance(src, np.ndarray):
+        if policy.given is not None:  # the files are not even opened here
+            inputs.append(FieldInput(label, group))
+        elif isinstance(src, np.ndarray):
             inputs.append(FieldInput(label, group, sample=lambda a=src, n=label: smear_from_array(a, None, n).sample()))
         else:
             inputs.append(_file_input(src, label, group))
