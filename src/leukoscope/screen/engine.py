@@ -133,7 +133,8 @@ class ScreenEngine:
     ``classes`` and ``predict_proba_prepared(x, batch_size=..., calibrated=True)`` for model inputs
     already through its pipeline, :func:`leukoscope.screen.crops.model_crops`).
     ``um_per_px``: the smears' scale, overriding the files' metadata (None: from the file,
-    else estimated from red cells with a warning). ``refer_below``: cells whose calibrated
+    else estimated from the red cells of all smears of a folder or source, pooled, with a warning:
+    :meth:`screen_scales`). ``refer_below``: cells whose calibrated
     top probability is below it are ``unidentified``.
     """
 
