@@ -267,11 +267,13 @@ class ScreenEngine:
         st.res.tiles = len(tiles)
         st.ck = _Checkpoint.open(checkpoint_dir, smear, um, self.fingerprint()) if checkpoint_dir else None
         cal = st.ck.calibration if st.ck is not None else None
+        sample = smear.sample()
         if cal is None:
-            cal = calibrate(smear.sample(), um, self.params)
+            cal = calibrate(sample, um, self.params)
             if st.ck is not None:
                 st.ck.set_calibration(cal)
-        background = background_colour(smear.sample())
+        background = background_colour(sample)  # the padding colour of this smear's crops
+        del sample
         done = st.ck.done if st.ck is not None else {}
         st.res.tiles_resumed = sum(1 for t in tiles if t.index in done)
         st.frames.update({t.index: done[t.index] for t in tiles if t.index in done})
