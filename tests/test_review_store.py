@@ -22,7 +22,7 @@ from leukoscope.review import (ConflictError, ReadOnlyError, ReviewDatabaseError
 from leukoscope.review.labels import KEYS, LABELS
 from leukoscope.review.schema import MIGRATIONS, SCHEMA_VERSION
 from leukoscope.screen.count import count_summary
-from leukoscope.review.importer import MIN_CROP_UM
+from leukoscope.screen.crops import MIN_CROP_UM
 from review_helpers import copy_run, run, store  # noqa: F401 (fixtures)
 
 
@@ -262,9 +262,11 @@ def test_a_missing_smear_image_is_named_and_nothing_is_created(run, tmp_path):
     cells = pd.read_csv(out / "cells.csv")
     cells["image"] = str(tmp_path / "gone.tif")
     cells.to_csv(out / "cells.csv", index=False)
+    before = sorted(p.name for p in out.iterdir())
+    assert {"cells.csv", "summary.json"} <= set(before)
     with pytest.raises(ReviewInputError, match="gone.tif"):
         ReviewStore.open_or_create(out)
-    assert sorted(p.name for p in out.iterdir()) == ["cells.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing created (the run's crops/ folder was there)
 
 
 def test_a_corrupt_or_foreign_database_is_refused_untouched(tmp_path):

@@ -31,12 +31,12 @@ class CountingEngine(ScreenEngine):
         self.stop_at = stop_at
         self.detected: list[str] = []
 
-    def detect_tile(self, smear, tile, um, cal, region=None):
+    def detect_tile(self, smear, tile, um, cal, region=None, **kwargs):
         name = smear.path.rsplit("/", 1)[-1]
         if name == self.stop_at and any(n == name for n in self.detected):
             raise KeyboardInterrupt  # the user stops the run during the scan's second tile
         self.detected.append(name)
-        return super().detect_tile(smear, tile, um, cal, region=region)
+        return super().detect_tile(smear, tile, um, cal, region=region, **kwargs)
 
 
 def test_interrupted_batch_resumes_at_the_scan_and_tile_where_it_stopped(three_scans, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""``leukoscope screen MODEL SMEAR... --out DIR [--per-scan] [--um-per-px X] [--refer-below P] [--tile-size N]``."""
+"""``leukoscope screen MODEL SMEAR... --out DIR [--per-scan] [--um-per-px X] [--source NAME] [--refer-below P] [--tile-size N]``."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ DESCRIPTION = (
     "Screen smear fields or whole scans (large TIFFs are read tile by tile) with a model bundle. "
     "Writes DIR/cells.csv (one row per cell), DIR/summary.json (differential counts and blast percentage "
     "with 95% CIs, flags, the µm/px used and where it came from) and DIR/review.html (a self-contained gallery "
-    "sorted by P(blast)). Cells whose calibrated confidence is below --refer-below are counted as "
-    "'unidentified' for review. Finished tiles are checkpointed in DIR/checkpoint: an interrupted screen "
+    "sorted by P(blast)), and DIR/crops (each cell at the smear's native resolution, for the review station). "
+    "Cells whose calibrated confidence is below --refer-below, or whose model input is mostly outside the field, are "
+    "counted as 'unidentified' for review. Finished tiles are checkpointed in DIR/checkpoint: an interrupted screen "
     "resumes where it stopped. With --per-scan, every file is a scan of its own: DIR/<scan>/ holds its "
-    "cells.csv, summary.json and review.html, and DIR/index.csv and DIR/index.json list each scan's status "
+    "cells.csv, summary.json, review.html and crops, and DIR/index.csv and DIR/index.json list each scan's status "
     "(ok, resumed, failed), cells, blast percentage and folder; run again, the batch skips finished scans "
     "and resumes the interrupted one at its tile. Not for diagnostic use."
 )
@@ -32,8 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("smears", nargs="+", metavar="SMEAR", help="smear images (JPEG/PNG/TIFF) or folders of them")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--um-per-px", type=float, metavar="X",
-                   help="scale of the smears in µm per pixel (default: from the file's resolution tags, "
-                        "else estimated from red cells with a warning)")
+                   help="scale of the smears in µm per pixel (default: from the file's OME or TIFF resolution "
+                        "metadata, else estimated from the red cells of all smears of a folder (or --source) with "
+                        "a warning)")
+    p.add_argument("--source", metavar="NAME",
+                   help="all SMEARs come from one microscope and camera: pool their red cells into one scale estimate "
+                        "(default: one estimate per folder)")
     p.add_argument("--refer-below", type=float, default=DEFAULT_REFER_BELOW, metavar="P",
                    help=f"refer cells whose calibrated top probability is below P (default {DEFAULT_REFER_BELOW})")
     p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, metavar="N",
@@ -60,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_per_scan(engine, smears, args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScreenWarning)  # the same notes are printed per image below
-        result = engine.screen(smears, out_dir=args.out)
+        result = engine.screen(smears, out_dir=args.out,
+                               groups=None if args.source is None else [args.source] * len(smears))
     paths = result.write(args.out, bundle=bundle, review=not args.no_review)
     for im in result.summary["images"]:
         if im["status"] != "ok":

@@ -220,28 +220,19 @@ def estimate_um_per_px(img: np.ndarray, *, rbc_diameter_um: float = RBC_DIAMETER
     return estimate_scale(img, rbc_diameter_um=rbc_diameter_um, min_rbc=1).um_per_px
 
 
-def estimate_field_scale(img: np.ndarray, *, rbc_diameter_um: float = RBC_DIAMETER_UM,
-                         min_rbc: int = 10) -> ScaleEstimate:
-    """µm/px of a smear *field* (many red cells, often touching) from its red cells.
+#: A field's nucleus stain for the red-cell ruler: this much bluer (CIELAB b*) than the background and
+#: at least this fraction of the field in one piece (a leukocyte nucleus, not the bluish rim of red cells).
+FIELD_NUCLEUS_DB = 20.0
+FIELD_NUCLEUS_MIN_FRAC = 0.003
 
-    :func:`estimate_scale` is made for single-cell crops (a few red cells around a
-    leukocyte, nuclei excluded, radius by rays); in a whole field, where red cells
-    pack and touch, it finds too few isolated cells (on BCCD's 640x480 fields it
-    fails on about half). This method, used by the screener, takes the red-cell mask
-    in CIELAB (darker or redder than the background and not blue), fills the central
-    pallor, and reads each cell's radius from the peaks of its distance transform;
-    shallow peaks on ridges between touching cells are dropped. The field is analysed
-    at most ~800 px across. Measured on BCCD (59 fields): median 0.084 µm/px, none
-    failed, against 0.072 from the dataset's red-cell boxes (which include a margin).
-    """
-    def failed(n: int, reason: str) -> ScaleEstimate:
-        return ScaleEstimate(float("nan"), float("nan"), n, False, reason)
 
+def field_rbc_diameters(img: np.ndarray) -> np.ndarray:
+    """Diameters (px, in ``img``'s pixels) of the red cells of a smear *field* (see :func:`estimate_field_scale`)."""
     img = np.asarray(img)
     f = max(1, int(max(img.shape[:2]) // 800))
     small = downsample(img, f)
     if small.shape[0] < 16 or small.shape[1] < 16:
-        return failed(0, "image too small to measure red cells")
+        return np.zeros(0)
     lab = to_lab(small)
     L, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
     bright = L >= np.percentile(L, 80)
@@ -253,14 +244,108 @@ def estimate_field_scale(img: np.ndarray, *, rbc_diameter_um: float = RBC_DIAMET
     rbc = remove_small(rbc, 20)
     frac = rbc.mean()
     if frac < 0.02 or frac > 0.97:
-        return failed(0, f"no measurable red cells (red-cell area {frac:.0%} of the field)")
+        return np.zeros(0)
     dist = ndi.distance_transform_edt(rbc)
     peaks = peak_local_max(dist, min_distance=3, threshold_abs=3, exclude_border=True)
-    if len(peaks) < min_rbc:
-        return failed(int(len(peaks)), f"too few red cells ({len(peaks)} < {min_rbc}) to measure the scale")
+    if len(peaks) == 0:
+        return np.zeros(0)
+    # a leukocyte's cytoplasm (and red cells touching it) merge into one large "cell": drop peaks whose
+    # disc (enlarged by 30%) reaches a nucleus
+    nuc = remove_small(ndi.binary_opening((bg_b - b) >= FIELD_NUCLEUS_DB, iterations=2),
+                       FIELD_NUCLEUS_MIN_FRAC * L.size)
     r = dist[peaks[:, 0], peaks[:, 1]]
-    r = r[r >= 0.5 * np.percentile(r, 90)]  # drop shallow bumps on ridges
-    return _judge((2 * r + 1) * f, 1, rbc_diameter_um, min_rbc)
+    if nuc.any():
+        keep = ndi.distance_transform_edt(~nuc)[peaks[:, 0], peaks[:, 1]] > 1.3 * r
+        peaks, r = peaks[keep], r[keep]
+    accepted: list[tuple[int, int, float]] = []
+    h, w = rbc.shape
+    for i in np.argsort(-r, kind="stable"):  # one peak per cell, largest disc first
+        y, x, v = int(peaks[i, 0]), int(peaks[i, 1]), float(r[i])
+        if any((y - p) ** 2 + (x - q) ** 2 < max(v, rp) ** 2 for p, q, rp in accepted):
+            continue
+        if min(y, x, h - 1 - y, w - 1 - x) < 0.75 * v:  # a disc the border cuts
+            continue
+        accepted.append((y, x, v))
+    if not accepted:
+        return np.zeros(0)
+    radii = np.array([_ray_radius(rbc, y, x, v) for y, x, v in accepted])
+    return 2.0 * radii[_mode_population(radii)] * f
+
+
+def _mode_population(radii: np.ndarray) -> np.ndarray:
+    """Mask of radii within ±30% of the area-weighted mode (log scale): the red cells, not the clumps."""
+    lr = np.log(np.maximum(radii, 1e-6))
+    edges = np.arange(lr.min(), lr.max() + 0.1, 0.05)
+    hist, edges = np.histogram(lr, bins=edges, weights=radii ** 2)
+    k = int(np.convolve(hist, [1, 2, 3, 2, 1], "same").argmax())
+    mode = math.exp(0.5 * (edges[k] + edges[k + 1]))
+    return (radii > 0.7 * mode) & (radii < 1.3 * mode)
+
+
+def estimate_field_scale(img: np.ndarray, *, rbc_diameter_um: float = RBC_DIAMETER_UM,
+                         min_rbc: int = 5) -> ScaleEstimate:
+    """µm/px of a smear *field* (many red cells, often touching) from its red cells.
+
+    :func:`estimate_scale` is made for single-cell crops (a few red cells around a
+    leukocyte, nuclei excluded, radius by rays); in a whole field, where red cells
+    pack and touch, it finds too few isolated cells (on BCCD's 640x480 fields it
+    fails on about half). This method, used by the screener, takes the red-cell mask
+    in CIELAB (darker or redder than the background and not blue), fills the central
+    pallor, finds each cell's centre at a peak of its distance transform (one per cell,
+    largest first), drops peaks whose disc reaches a leukocyte nucleus (its pink cytoplasm
+    would pass for one giant red cell: BCCD ``BloodImage_00000`` read 238 px "red cells" so)
+    or is cut by the border, measures each radius by rays (:func:`_ray_radius`), and keeps
+    the red-cell population: radii within ±30% of the area-weighted mode (clumps whose
+    filled gaps fake large cells are rare, so they do not move the mode). The field is
+    analysed at most ~800 px across. A field is noisy (BCCD: about ±20% per field against
+    the boxes); fields of one scan or folder are pooled by :func:`pool_field_scales`.
+    """
+    d = field_rbc_diameters(img)
+    if len(d) == 0:
+        return ScaleEstimate(float("nan"), float("nan"), 0, False, "no measurable red cells in the field")
+    return _judge(d, 1, rbc_diameter_um, min_rbc)
+
+
+@dataclass
+class PooledScale:
+    """One µm/px for the fields of one scan, folder or source, and how far the fields agree.
+
+    ``estimate``: the pooled :class:`ScaleEstimate` (median over all red cells of all fields);
+    ``field_um_per_px``: each field's own estimate (NaN where it failed); ``spread``:
+    ``{"median", "iqr", "mad"}`` of the plausible per-field estimates (µm/px), ``n_fields_measured``.
+    """
+
+    estimate: ScaleEstimate
+    field_um_per_px: list
+    spread: dict
+
+    def to_dict(self) -> dict:
+        return {"estimate": self.estimate.to_dict(), "field_um_per_px": [_none_if_nan(v) for v in self.field_um_per_px],
+                "spread": self.spread}
+
+
+def _none_if_nan(v):
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def pool_field_scales(diameters: Sequence[np.ndarray], *, rbc_diameter_um: float = RBC_DIAMETER_UM,
+                      min_rbc: int = 5) -> PooledScale:
+    """Pool the red-cell diameters (px) of several fields of one optical scale (:func:`field_rbc_diameters`).
+
+    The pooled scale is ``rbc_diameter_um / median(all diameters)``; each field's own estimate
+    (fewer than ``min_rbc`` cells: NaN) and their spread are kept for the tolerance check
+    (:func:`leukoscope.imaging.scale_policy.ScalePolicy.resolve_fields`).
+    """
+    per_field = [_judge(np.asarray(d, float), 1, rbc_diameter_um, min_rbc) for d in diameters]
+    fields = [e.um_per_px if e.plausible else float("nan") for e in per_field]
+    alld = np.concatenate([np.asarray(d, float) for d in diameters]) if len(diameters) else np.zeros(0)
+    pooled = _judge(alld, len(diameters), rbc_diameter_um, min_rbc)
+    ok = np.array([v for v in fields if np.isfinite(v)])
+    spread = {"n_fields": len(fields), "n_fields_measured": int(len(ok)), "n_rbc": int(len(alld)),
+              "median": _none_if_nan(np.median(ok)) if len(ok) else None,
+              "iqr": _none_if_nan(np.subtract(*np.percentile(ok, [75, 25]))) if len(ok) else None,
+              "mad": _none_if_nan(np.median(np.abs(ok - np.median(ok)))) if len(ok) else None}
+    return PooledScale(pooled, fields, spread)
 
 
 def estimate_dataset_scale(images: Sequence, *, max_images: int = 40, seed: int = 0,

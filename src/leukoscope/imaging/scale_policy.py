@@ -8,7 +8,9 @@ Every path asks it — training (:func:`leukoscope.train.loop.resolve_training_s
 2. the **table**'s / the file's own (a reader's ``um_per_px`` column, a TIFF's resolution tags);
 3. **estimated** from the red cells (≈ 7.5 µm; :mod:`leukoscope.imaging.scale_estimate`), pooled
    over up to 40 images per source (``estimate="group"``), per image (``"image"``), or not at all
-   (``"off"``); an implausible estimate is not used;
+   (``"off"``); an implausible estimate is not used. Smear fields (:meth:`ScalePolicy.resolve_fields`)
+   pool all red cells of the fields of one scan, folder or source, and a field whose own estimate
+   differs from the pool by more than :data:`FIELD_SCALE_TOLERANCE` gets a warning and the pooled value;
 4. **none**: unknown; the image is resized to the model input as it is.
 
 >>> import pandas as pd
@@ -27,7 +29,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from leukoscope.imaging.scale_estimate import estimate_field_scale, resolve_um_per_px
+from leukoscope.imaging.scale_estimate import (RBC_DIAMETER_UM, estimate_field_scale, field_rbc_diameters,
+                                               pool_field_scales, resolve_um_per_px)
 
 #: Plausible µm/px of a blood-smear image (a 12 µm leukocyte between 12 and 600 px across).
 UM_PER_PX_RANGE = (0.02, 1.0)
@@ -36,6 +39,41 @@ ORIGIN_GIVEN = "given"
 ORIGIN_ESTIMATED = "estimated from red cells (7.5 µm), pooled per source"
 ORIGIN_TABLE = "table"
 ORIGIN_NONE = "none: images resized to the model input"
+#: Largest relative difference between a field's own red-cell estimate and the pooled estimate of its
+#: scan/folder/source before the field is flagged (the pooled value is used either way). A single BCCD
+#: field's estimate scatters by about ±10% (1 SD) around the pool, so 25% is ~2.5 SD: a field beyond it
+#: is more likely of another optical scale (another objective or camera) than noise.
+FIELD_SCALE_TOLERANCE = 0.25
+#: Codes of where a field's scale came from (``scale_source`` in summary.json and cells.csv).
+SCALE_SOURCES = ("given", "ome", "tiff_tag", "file_dpi", "pooled_estimate", "field_estimate")
+
+
+@dataclass
+class FieldInput:
+    """One smear field for :meth:`ScalePolicy.resolve_fields`: its name, its pool (scan, folder or
+    source), the file's own µm/px and its code (``"ome"``, ``"tiff_tag"``, ``"file_dpi"``) if any, and
+    ``sample()`` returning the RGB pixels to measure red cells on (called only when an estimate is needed)."""
+
+    name: str
+    group: str
+    file_um_per_px: float | None = None
+    file_source: str | None = None        # human-readable, e.g. "file metadata (TIFF resolution)"
+    file_code: str | None = None          # "ome" | "tiff_tag" | "file_dpi"
+    sample: Callable[[], np.ndarray] | None = None
+
+
+@dataclass
+class FieldScale:
+    """The scale of one field: value, code (:data:`SCALE_SOURCES`), a readable source, notes (warnings),
+    its own red-cell estimate (NaN when not measured or failed) and its pool's name."""
+
+    um_per_px: float | None
+    code: str | None
+    source: str | None
+    notes: list = field(default_factory=list)
+    field_um_per_px: float = float("nan")
+    group: str | None = None
+    error: str | None = None
 
 
 def check_um_per_px(um_per_px, what: str = "um_per_px") -> float:
@@ -180,6 +218,77 @@ class ScalePolicy:
         notes.append(f"no µm/px in the file: {um:.4f} µm/px estimated from {est.n_rbc} red cells (median diameter "
                      f"{est.diameter_px:.0f} px = 7.5 µm); give --um-per-px for a measured scale")
         return um, "estimated from red cells (7.5 µm)", notes, True
+
+    def resolve_fields(self, fields: list[FieldInput], tolerance: float = FIELD_SCALE_TOLERANCE,
+                       log: Callable[[str], None] | None = None) -> tuple[list[FieldScale], dict]:
+        """Scales of smear fields that share an optical scale per ``group`` (scan, folder or source).
+
+        Given (``--um-per-px``) > the file's metadata > the red cells of all the group's fields without
+        metadata, pooled (:func:`~leukoscope.imaging.scale_estimate.pool_field_scales`): every such field
+        gets the pooled value (code ``pooled_estimate``; a group of one field: ``field_estimate``), and a
+        field whose own estimate differs from it by more than ``tolerance`` (relative) gets a warning naming
+        it. A field whose scale cannot be found gets ``error`` (the others go on). Returns the per-field
+        scales and ``{group: pooled estimate, per-field spread, the fields}`` (JSON-ready).
+        """
+        out: list[FieldScale | None] = [None] * len(fields)
+        todo: dict[str, list[int]] = {}
+        for i, f in enumerate(fields):
+            try:
+                if self.given is not None or f.file_um_per_px is not None or self.estimate == "off":
+                    um, src, notes, _ = self.resolve_field(f.file_um_per_px, f.file_source, lambda: None)
+                    code = "given" if self.given is not None else (f.file_code or "tiff_tag")
+                    out[i] = FieldScale(um, code, src, notes, group=f.group)
+                else:
+                    todo.setdefault(f.group, []).append(i)
+            except ValueError as exc:
+                out[i] = FieldScale(None, None, None, error=str(exc), group=f.group)
+        pools: dict = {}
+        for g, idx in todo.items():
+            diams = []
+            for i in idx:
+                try:
+                    diams.append(field_rbc_diameters(fields[i].sample()))
+                except Exception as exc:  # unreadable here: the field itself will report it
+                    diams.append(np.zeros(0))
+                    out[i] = FieldScale(None, None, None, error=str(exc), group=g)
+            pooled = pool_field_scales(diams)
+            est = pooled.estimate
+            pools[g] = {**pooled.to_dict(), "fields": [fields[i].name for i in idx], "tolerance": tolerance}
+            code = "pooled_estimate" if len(idx) > 1 else "field_estimate"
+            if est.plausible:
+                try:
+                    check_um_per_px(est.um_per_px, "the µm/px estimated from red cells")
+                except ValueError as exc:
+                    est.plausible, est.reason = False, str(exc)
+            if log is not None and est.plausible:
+                log(f"scale of {g!r}: {est.um_per_px:.4f} µm/px from {est.n_rbc} red cells in {len(idx)} field(s)")
+            for k, i in enumerate(idx):
+                if out[i] is not None:
+                    continue
+                own = pooled.field_um_per_px[k]
+                if not est.plausible:
+                    out[i] = FieldScale(None, None, None, field_um_per_px=own, group=g, error=(
+                        f"the file gives no µm/px and it could not be estimated from red cells ({est.reason}); "
+                        "give the scale with --um-per-px"))
+                    continue
+                um = est.um_per_px
+                if len(idx) > 1:
+                    src = f"estimated from red cells ({RBC_DIAMETER_UM:g} µm), pooled over {len(idx)} fields"
+                    notes = [f"no µm/px in the file: {um:.4f} µm/px estimated from {est.n_rbc} red cells of "
+                             f"{len(idx)} fields (median diameter {est.diameter_px:.0f} px = {RBC_DIAMETER_UM:g} µm); "
+                             "give --um-per-px for a measured scale"]
+                else:
+                    src = f"estimated from red cells ({RBC_DIAMETER_UM:g} µm)"
+                    notes = [f"no µm/px in the file: {um:.4f} µm/px estimated from {est.n_rbc} red cells (median "
+                             f"diameter {est.diameter_px:.0f} px = {RBC_DIAMETER_UM:g} µm); give --um-per-px for a "
+                             "measured scale"]
+                if np.isfinite(own) and abs(own / um - 1) > tolerance:
+                    notes.append(f"{fields[i].name}: this field's own red cells give {own:.4f} µm/px, "
+                                 f"{abs(own / um - 1):.0%} from the {um:.4f} µm/px of its {len(idx)} pooled fields "
+                                 f"(tolerance {tolerance:.0%}); the pooled value is used: check that this field "
+                                 "was taken with the same objective and camera")
+                out[i] = FieldScale(um, code, src, notes, own, g)
+        return out, pools
 
 
 def _summary(origin: np.ndarray) -> str:

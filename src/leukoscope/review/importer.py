@@ -1,8 +1,9 @@
 """Bring a ``screen`` output or a ``predict`` table into a new review database.
 
 A ``screen`` output folder holds ``cells.csv`` and ``summary.json``; each cell's crop
-(its box plus a margin, squared, at least :data:`MIN_CROP_UM` wide) is cut from the ORIGINAL smear image at its native
-resolution (large TIFF scans are read region by region through
+(its box plus a margin, squared, at least :data:`leukoscope.screen.crops.MIN_CROP_UM` wide: :func:`leukoscope.screen.crops.native_square`)
+is the native-resolution crop the screen stored (``crop_native`` column) when present, else it is cut from the
+ORIGINAL smear image at its native resolution (large TIFF scans are read region by region through
 :func:`leukoscope.screen.tiles.open_smear`), and each field gets a downsampled
 overview for the "place on its smear field" view. A ``predict`` table
 (``path,pred,p_blast,p_atypical,prob_<CLASS>...``) gives one cell per image file, the
@@ -16,7 +17,6 @@ overwrites nothing.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -25,24 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from leukoscope import __version__, taxonomy
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.io import file_sha256
 from leukoscope.models.bundle import read_meta
 from leukoscope.screen.count import UNIDENTIFIED
-from leukoscope.screen.crops import cell_crop
+from leukoscope.screen.crops import background_colour, cell_crop, native_square, png_bytes
 from leukoscope.screen.engine import DEFAULT_REFER_BELOW
 from leukoscope.screen.tiles import open_smear
 from leukoscope.review.schema import ReviewDatabaseError, connect
 
-#: Margin around a cell's box in its crop, as a fraction of the box's longer side (each side).
-CROP_MARGIN = 0.25
-#: Smallest side of a crop in µm where the field's scale is known: at least the field of view of an
-#: LMU single-cell image (400 px x 0.0725 µm/px = 29 µm), so that exported crops (export-labels) give
-#: a model the same context as the screen's model inputs instead of padding.
-MIN_CROP_UM = 30.0
 #: Longest side of a field's overview image (px).
 OVERVIEW_PX = 1200
 #: Pixels read at a time when a field is downsampled for its overview (a strip of full-width rows).
@@ -56,12 +49,6 @@ class ReviewInputError(ValueError):
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 def run_kind(path: str | os.PathLike) -> str:
@@ -123,14 +110,6 @@ def _top3(probs: np.ndarray, classes: list[str]) -> list[str]:
     return out
 
 
-def _square_around(x0, y0, x1, y1, um_per_px: float | None = None) -> tuple[float, float, int]:
-    side = max(x1 - x0, y1 - y0)
-    side = int(math.ceil(side * (1 + 2 * CROP_MARGIN))) + 8
-    if um_per_px and um_per_px > 0:
-        side = max(side, int(math.ceil(MIN_CROP_UM / um_per_px)))
-    return (x0 + x1) / 2, (y0 + y1) / 2, side
-
-
 def _overview(smear) -> tuple[bytes, float]:
     """A downsampled PNG of a whole field (read in strips for scans) and the field px per overview px."""
     h, w = smear.shape
@@ -145,6 +124,17 @@ def _resolve_image(name: str, base: Path) -> Path:
     if p.is_absolute() or p.exists():
         return p
     return base / p
+
+
+def _stored_crop(folder: Path, rel, side: int) -> np.ndarray | None:
+    """The native-resolution crop the screen stored for a cell (``crop_native``), if it is there and fits."""
+    if not isinstance(rel, str) or not rel:
+        return None
+    try:
+        crop = load_rgb(folder / rel)
+    except ImageError:
+        return None  # moved or damaged: cut it from the smear again
+    return crop if crop.shape[:2] == (side, side) else None
 
 
 def _screen_rows(folder: Path):
@@ -174,14 +164,19 @@ def _screen_rows(folder: Path):
             overview, factor = _overview(smear)
             um = scales.get(image)
             fields.append((str(image), str(path.resolve()), smear.width, smear.height, um, factor, overview))
+            fill = None
             for i in idx:
                 r = cells.loc[i]
-                cx, cy, side = _square_around(r.x0, r.y0, r.x1, r.y1, um)
+                cx, cy, side = native_square(r.x0, r.y0, r.x1, r.y1, um)
                 ox, oy = int(round(cx - side / 2)), int(round(cy - side / 2))
-                rx0, ry0 = max(0, ox), max(0, oy)
-                rx1, ry1 = min(smear.width, ox + side), min(smear.height, oy + side)
-                region = smear.read(ry0, rx0, ry1, rx1)
-                crop = cell_crop(region, cx - rx0, cy - ry0, side)
+                crop = _stored_crop(folder, r.get("crop_native"), side)
+                if crop is None:
+                    rx0, ry0 = max(0, ox), max(0, oy)
+                    rx1, ry1 = min(smear.width, ox + side), min(smear.height, oy + side)
+                    region = smear.read(ry0, rx0, ry1, rx1)
+                    if fill is None and (rx1 - rx0, ry1 - ry0) != (side, side):
+                        fill = background_colour(smear.sample())
+                    crop = cell_crop(region, cx - rx0, cy - ry0, side, fill)
                 ccx, ccy = (float(r.cx), float(r.cy)) if "cx" in cells else (cx, cy)
                 rows.append((str(image), int(r.x0), int(r.y0), int(r.x1), int(r.y1), ccx, ccy, ox, oy, um, str(r.model_pred),
                              str(r.pred), float(r.confidence), top3[i], float(r.p_blast), int(bool(r.referred)),

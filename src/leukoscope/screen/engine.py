@@ -3,11 +3,14 @@
 :class:`ScreenEngine` holds a model bundle and the settings; :meth:`ScreenEngine.screen`
 runs each smear through
 
-    open (tiled for scans) -> scale (µm/px) -> per tile: detect -> keep cells whose
-    centre is in the tile's core -> crop at the model's field of view -> classify
-    (temperature-calibrated) -> checkpoint
+    scales of all smears (given, the file's metadata, or red cells pooled per folder or
+    source: :mod:`leukoscope.screen.scale`) -> open (tiled for scans) -> per tile: detect ->
+    keep cells whose centre is in the tile's core -> crop at the model's field of view
+    (padded with the field's background, never mirrored) [-> the cell's native-resolution
+    crop for people, written to ``out_dir/crops``] -> classify (temperature-calibrated) -> checkpoint
 
-and then refers low-confidence cells to an ``unidentified`` group and counts. A reader thread
+and then refers low-confidence cells, and cells whose model input is mostly outside the field,
+to an ``unidentified`` group and counts. A reader thread
 decodes the next tile while one is analysed; detection looks for candidate nuclei at reduced
 resolution and runs the detector only around those whose cell the tile owns
 (:func:`leukoscope.screen.detect.detect_leukocytes_fast`; ``fast=False``: over every tile's
@@ -47,14 +50,16 @@ from tqdm.auto import tqdm
 
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
-from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
+from leukoscope.imaging.scale_policy import FieldScale, ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from leukoscope.models.inference import finite_rows
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
-from leukoscope.screen.crops import model_crops, model_fov_um
+from leukoscope.screen.crops import (MAX_PADDING_FRACTION, background_colour, model_crops, model_fov_um,
+                                     padding_fractions, write_native_crops)
 from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
                                       detect_leukocytes, detect_leukocytes_fast, work_factor)
 from leukoscope.screen.review import write_review
+from leukoscope.screen.scale import screen_scales
 from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, tile_grid
 
 #: Default referral threshold on the calibrated top-class probability. With a
@@ -65,6 +70,9 @@ DEFAULT_REFER_BELOW = 0.5
 #: Default tile (core) size in pixels for reading large scans.
 DEFAULT_TILE_SIZE = 2048
 CHECKPOINT_FORMAT = "leukoscope-screen-checkpoint/1"
+#: Why a cell was referred (``refer_reason`` in cells.csv).
+REFER_LOW_CONFIDENCE = "low confidence"
+REFER_OUTSIDE = "mostly outside the field"
 
 
 class ScreenWarning(UserWarning):
@@ -82,6 +90,9 @@ class ImageResult:
     height: int | None = None
     um_per_px: float | None = None
     um_per_px_source: str | None = None
+    scale_source: str | None = None        # given | ome | tiff_tag | file_dpi | pooled_estimate | field_estimate
+    scale_field_estimate: float | None = None   # the field's own red-cell estimate (when measured)
+    scale_group: str | None = None         # the pool of fields it shares its scale with
     warnings: list[str] = field(default_factory=list)
     tiles: int = 0
     tiles_resumed: int = 0
@@ -90,7 +101,8 @@ class ImageResult:
 
     def info(self) -> dict:
         return {k: getattr(self, k) for k in ("image", "status", "error", "width", "height", "um_per_px",
-                                              "um_per_px_source", "warnings", "tiles", "tiles_resumed",
+                                              "um_per_px_source", "scale_source", "scale_field_estimate",
+                                              "scale_group", "warnings", "tiles", "tiles_resumed",
                                               "duplicates_removed")}
 
 
@@ -118,7 +130,8 @@ def cell_columns(classes: Sequence[str]) -> list[str]:
     """Columns of ``cells.csv`` for a model with ``classes``."""
     return (["image", "x0", "y0", "x1", "y1", "pred", "confidence", "p_blast", "p_atypical"]
             + [f"prob_{c}" for c in classes]
-            + ["model_pred", "referred", "cx", "cy", "nucleus_um2", "cell_um2", "tile"])
+            + ["model_pred", "referred", "cx", "cy", "nucleus_um2", "cell_um2", "tile", "refer_reason", "pad_frac",
+               "scale_source", "crop_native"])
 
 
 class ScreenEngine:
@@ -128,7 +141,8 @@ class ScreenEngine:
     ``classes`` and ``predict_proba_prepared(x, batch_size=..., calibrated=True)`` for model inputs
     already through its pipeline, :func:`leukoscope.screen.crops.model_crops`).
     ``um_per_px``: the smears' scale, overriding the files' metadata (None: from the file,
-    else estimated from red cells with a warning). ``refer_below``: cells whose calibrated
+    else estimated from the red cells of all smears of a folder or source, pooled, with a warning:
+    :meth:`screen_scales`). ``refer_below``: cells whose calibrated
     top probability is below it are ``unidentified``. ``fast``: detect by
     :func:`leukoscope.screen.detect.detect_leukocytes_fast` (candidates at reduced resolution, the
     detector run only around them and only for cells a tile owns) instead of running
@@ -183,6 +197,12 @@ class ScreenEngine:
 
     # ------------------------------------------------------------------ one image
 
+    def screen_scales(self, sources: Sequence, labels: Sequence[str], groups: Sequence[str] | None = None
+                      ) -> tuple[list[FieldScale], dict]:
+        """Scales of all ``sources`` at once, red-cell estimates pooled per folder (or per ``groups``)
+        (:func:`leukoscope.screen.scale.screen_scales`); the pools go to ``summary.json`` (``scale``)."""
+        return screen_scales(sources, labels, ScalePolicy(given=self.um_per_px, estimate="group"), groups)
+
     def screen_image(self, source, checkpoint_dir: str | os.PathLike | None = None, name: str | None = None) -> ImageResult:
         """Screen one smear (a path, or an RGB array). Errors become an ``error`` result, never an exception
         (except ``KeyboardInterrupt``: finished tiles are in the checkpoint)."""
@@ -191,34 +211,59 @@ class ScreenEngine:
         queue.flush()
         return self._finish_image(state)
 
-    def screen(self, sources: Iterable, out_dir: str | os.PathLike | None = None, names: Sequence[str] | None = None
-               ) -> ScreenResult:
-        """Screen several smears (paths or arrays); with ``out_dir``, tiles are checkpointed there.
+    def screen(self, sources: Iterable, out_dir: str | os.PathLike | None = None, names: Sequence[str] | None = None,
+               groups: Sequence[str] | None = None) -> ScreenResult:
+        """Screen several smears (paths or arrays); with ``out_dir``, tiles are checkpointed there and each
+        cell's native-resolution crop is written to ``out_dir/crops``.
 
-        Cells are classified in batches of ``batch_size`` across tiles and images (one
-        forward pass per cell would cost far more on a CPU).
+        Smears without a stated scale share one red-cell estimate per folder, or per ``groups`` (one name
+        per smear, e.g. ``--source``): :meth:`screen_scales`. Cells are classified in batches of
+        ``batch_size`` across tiles and images (one forward pass per cell would cost far more on a CPU).
         """
         sources = list(sources)
         ck_dir = Path(out_dir) / "checkpoint" if out_dir is not None else None
+        labels = [names[i] if names is not None else _label(src) for i, src in enumerate(sources)]
+        scales, pools = self.screen_scales(sources, labels, groups)
         queue = _ClassifyQueue(self)
         it = enumerate(sources)
         if self.progress and len(sources) > 1:
             it = tqdm(it, desc="smears", unit="image", total=len(sources))
-        states = [self._start_image(src, ck_dir, names[i] if names is not None else None, queue) for i, src in it]
+        states = [self._start_image(src, ck_dir, labels[i], queue, scale=scales[i], out_dir=out_dir) for i, src in it]
         queue.flush()
-        return self.assemble([self._finish_image(st) for st in states])
+        result = self.assemble([self._finish_image(st) for st in states])
+        result.summary["scale"] = pools
+        return result
 
-    def _start_image(self, source, checkpoint_dir, name, queue: "_ClassifyQueue") -> "_ImageState":
-        """Open, scale and detect one smear tile by tile; its crops go to ``queue`` for classification."""
-        label = name or (str(source) if not isinstance(source, np.ndarray) else "<array>")
+    def _start_image(self, source, checkpoint_dir, name, queue: "_ClassifyQueue", scale: FieldScale | None = None,
+                     out_dir: str | os.PathLike | None = None) -> "_ImageState":
+        """Open, scale (``scale``: from :meth:`screen_scales`, else this smear's own) and detect one smear tile
+        by tile; its crops go to ``queue`` for classification, its native crops to ``out_dir/crops``."""
+        label = name or _label(source)
         st = _ImageState(ImageResult(image=label, status="ok"))
         smear = None
         try:
             smear = smear_from_array(source, None, label) if isinstance(source, np.ndarray) else open_smear(source)
             st.res.height, st.res.width = smear.shape
-            um, src, notes = self.resolve_scale(smear)
-            st.res.um_per_px, st.res.um_per_px_source = um, src
-            st.res.warnings.extend(notes)
+            if scale is None or scale.code == "given":  # given: this smear's own note if it overrides the file's
+                um, src, notes = self.resolve_scale(smear)
+                code = "given" if self.um_per_px is not None else (smear.um_code or "field_estimate")
+                scale = FieldScale(um, code, src, notes, group=scale.group if scale is not None else None)
+            elif scale.error:
+                raise ValueError(scale.error)
+            else:
+                for note in scale.notes if scale.code in ("pooled_estimate", "field_estimate") else []:
+                    warnings.warn(note if smear.path in note else f"{smear.path}: {note}", ScreenWarning,
+                                  stacklevel=3)
+            um = scale.um_per_px
+            st.res.um_per_px, st.res.um_per_px_source, st.res.scale_source = um, scale.source, scale.code
+            st.res.scale_group = scale.group
+            own = scale.field_um_per_px
+            st.res.scale_field_estimate = float(own) if own is not None and np.isfinite(own) else None
+            st.res.warnings.extend(scale.notes)
+            if out_dir is not None:
+                key = hashlib.sha256(label.encode()).hexdigest()[:8]
+                st.crops_sub = f"crops/{Path(label).stem[:40]}-{key}"
+                st.out_dir = Path(out_dir)
             self._detect_tiles(smear, um, st, checkpoint_dir, queue)
         except KeyboardInterrupt:
             raise
@@ -235,10 +280,13 @@ class ScreenEngine:
         st.res.tiles = len(tiles)
         st.ck = _Checkpoint.open(checkpoint_dir, smear, um, self.fingerprint()) if checkpoint_dir else None
         cal = st.ck.calibration if st.ck is not None else None
+        sample = smear.sample()
         if cal is None:
-            cal = calibrate(smear.sample(), um, self.params)
+            cal = calibrate(sample, um, self.params)
             if st.ck is not None:
                 st.ck.set_calibration(cal)
+        background = background_colour(sample)  # the padding colour of this smear's crops
+        del sample
         done = st.ck.done if st.ck is not None else {}
         st.res.tiles_resumed = sum(1 for t in tiles if t.index in done)
         st.frames.update({t.index: done[t.index] for t in tiles if t.index in done})
@@ -253,8 +301,12 @@ class ScreenEngine:
             for k, tile in enumerate(todo):
                 region = pending.result()
                 pending = reader.submit(smear.read, *todo[k + 1].read) if k + 1 < len(todo) else None
-                det, crops = self.detect_tile(smear, tile, um, cal, region=region)
+                det, crops = self.detect_tile(smear, tile, um, cal, region=region, background=background)
                 del region
+                if not det.empty and st.out_dir is not None:
+                    det["crop_native"] = write_native_crops(smear.read, smear.shape,
+                                                            det[["x0", "y0", "x1", "y1"]].to_numpy(),
+                                                            um, background, st.out_dir, st.crops_sub)
                 if det.empty:
                     st.tile_done(tile.index, self._empty_cells())
                 else:
@@ -264,9 +316,11 @@ class ScreenEngine:
         if bar is not None:
             bar.close()
 
-    def detect_tile(self, smear: Smear, tile: Tile, um: float, cal: StainCalibration, region: np.ndarray | None = None):
-        """Detections whose centre lies in ``tile``'s core, and their model inputs (``region``: the tile's
-        read region when already read)."""
+    def detect_tile(self, smear: Smear, tile: Tile, um: float, cal: StainCalibration, region: np.ndarray | None = None,
+                    background=None):
+        """Detections whose centre lies in ``tile``'s core, and their model inputs (padded with ``background``
+        where they leave the field; ``pad_frac``: the padded fraction of each); ``region``: the tile's read
+        region when already read."""
         ry0, rx0, ry1, rx1 = tile.read
         if region is None:
             region = smear.read(ry0, rx0, ry1, rx1)
@@ -281,7 +335,8 @@ class ScreenEngine:
         if det.empty:
             return det, None
         det["tile"] = tile.index
-        return det, model_crops(region, list(zip(det.cx - rx0, det.cy - ry0)), um, self.meta)
+        det["pad_frac"] = padding_fractions(smear.shape, list(zip(det.cx, det.cy)), um, self.meta)
+        return det, model_crops(region, list(zip(det.cx - rx0, det.cy - ry0)), um, self.meta, background)
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
         """Temperature-calibrated class probabilities of model inputs (crops through the bundle's pipeline)."""
@@ -295,6 +350,7 @@ class ScreenEngine:
             cells = pd.concat(frames, ignore_index=True) if frames else self._empty_cells()
             cells, res.duplicates_removed = dedupe_across_tiles(cells)
             cells.insert(0, "image", res.image)
+            cells["scale_source"] = res.scale_source
             res.cells = cells.sort_values(["y0", "x0"], kind="stable").reset_index(drop=True)
             if res.cells.empty:
                 res.warnings.append("no leukocytes found in this field")
@@ -344,13 +400,20 @@ class ScreenEngine:
         if cells is None or cells.empty:
             return pd.DataFrame(columns=cell_columns(self.classes))
         cells = cells.copy()
+        for col, default in (("pad_frac", 0.0), ("crop_native", ""), ("scale_source", "")):
+            cells[col] = cells[col].fillna(default) if col in cells else default
         probs = cells[[f"prob_{c}" for c in self.classes]].to_numpy(dtype=np.float64)
         finite = finite_rows(probs)  # NaN/inf probabilities: referred, no call (confidence NaN)
         top = probs.argmax(axis=1)
         conf = np.where(finite, probs.max(axis=1), np.nan)
         cells["model_pred"] = [self.classes[i] if f else UNIDENTIFIED for i, f in zip(top, finite)]
         cells["confidence"] = conf
-        cells["referred"] = ~finite | (conf < self.refer_below)
+        outside = cells["pad_frac"].to_numpy(dtype=np.float64) > MAX_PADDING_FRACTION
+        low = ~finite | (conf < self.refer_below)
+        # a model input that is mostly padding is not a cell the model can judge: referred whatever it says;
+        # NaN/inf probabilities are no call either (referred as low confidence, confidence NaN)
+        cells["refer_reason"] = np.where(outside, REFER_OUTSIDE, np.where(low, REFER_LOW_CONFIDENCE, ""))
+        cells["referred"] = outside | low
         cells["pred"] = np.where(cells["referred"], UNIDENTIFIED, cells["model_pred"])
         cells["p_blast"] = taxonomy.binary_scores(probs, self.classes, "blast")
         cells["p_atypical"] = taxonomy.binary_scores(probs, self.classes, "atypical")
@@ -366,6 +429,8 @@ class _ImageState:
         self.res = res
         self.ck: _Checkpoint | None = None
         self.frames: dict[int, pd.DataFrame] = {}
+        self.out_dir: Path | None = None     # the result folder (native crops), when one is written
+        self.crops_sub = ""
 
     def tile_done(self, index: int, df: pd.DataFrame) -> None:
         self.frames[index] = df
@@ -414,6 +479,10 @@ class _ClassifyQueue:
                 df[f"prob_{c}"] = p[:, k]
             if st.res.status == "ok":
                 st.tile_done(index, df)
+
+
+def _label(source) -> str:
+    return str(source) if not isinstance(source, np.ndarray) else "<array>"
 
 
 def dedupe_across_tiles(cells: pd.DataFrame, iou: float = 0.5) -> tuple[pd.DataFrame, int]:

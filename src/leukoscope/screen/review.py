@@ -26,7 +26,7 @@ from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.evaluate.saliency import saliency_map
 from leukoscope.io import atomic_write_text
 from leukoscope.models.inference import forward
-from leukoscope.screen.crops import crop_size_px, model_crops, model_fov_um
+from leukoscope.screen.crops import background_colour, crop_size_px, model_crops, model_fov_um
 from leukoscope.screen.tiles import open_smear
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -82,12 +82,13 @@ def _model_inputs(sel: pd.DataFrame, meta: dict, um_by_image: dict) -> dict:
         except Exception:
             continue
         with smear:
+            background = background_colour(smear.sample())  # the engine's padding colour
             for idx, row in grp.iterrows():
                 y0, x0 = int(round(row.cy - side)), int(round(row.cx - side))
                 ry0, rx0 = max(0, y0), max(0, x0)
                 ry1, rx1 = min(smear.height, y0 + 2 * side), min(smear.width, x0 + 2 * side)
                 region = smear.read(ry0, rx0, ry1, rx1)
-                out[idx] = model_crops(region, [(row.cx - rx0, row.cy - ry0)], um, meta)[0]
+                out[idx] = model_crops(region, [(row.cx - rx0, row.cy - ry0)], um, meta, background)[0]
     return out
 
 

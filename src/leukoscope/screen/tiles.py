@@ -4,8 +4,11 @@
 decoded into memory (through :func:`leukoscope.imaging.images.load_rgb`); a TIFF is read
 through tifffile's zarr store (``tifffile.imread(path, aszarr=True)`` + ``zarr.open``),
 so only the tiles being analysed are ever decoded and memory stays bounded by the
-tile size, not the scan size. Its physical scale comes from the file's resolution
-tags when it has them (TIFF ``XResolution``/``ResolutionUnit``, PNG/JPEG dpi).
+tile size, not the scan size. Its physical scale comes from the file's metadata when
+it has it: OME-XML ``PhysicalSizeX`` (:func:`ome_um_per_px`), else the TIFF
+``XResolution``/``YResolution``/``ResolutionUnit`` tags (:func:`tiff_um_per_px`), else PNG/JPEG dpi;
+defaults written by image tools (72 dpi and the like, or no absolute unit) are not a scale.
+:attr:`Smear.um_code` says which (``"ome"``, ``"tiff_tag"``, ``"file_dpi"``, ``"given"`` or None).
 
 :func:`tile_grid` cuts a ``H x W`` scan into *core* regions that cover it exactly
 once, each read with an overlap of at least the largest cell diameter, so that a
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +79,9 @@ class Smear:
     """
 
     def __init__(self, path: str | os.PathLike, shape: tuple[int, int], um_per_px: float | None,
-                 um_source: str, reader, closer=None, tiled: bool = False):
+                 um_source: str, reader, closer=None, tiled: bool = False, um_code: str | None = None):
         self.path = str(path)
+        self.um_code = um_code if um_per_px else None
         self.shape = (int(shape[0]), int(shape[1]))
         self.um_per_px = um_per_px
         self.um_source = um_source
@@ -121,7 +126,7 @@ def smear_from_array(img: np.ndarray, um_per_px: float | None = None, name: str 
     """Wrap an in-memory RGB array as a :class:`Smear`."""
     img = to_rgb(img, path=name)
     return Smear(name, img.shape[:2], um_per_px, "given" if um_per_px else "unknown",
-                 lambda y0, x0, y1, x1: img[y0:y1, x0:x1])
+                 lambda y0, x0, y1, x1: img[y0:y1, x0:x1], um_code="given")
 
 
 def tiff_um_per_px(path: str | os.PathLike) -> float | None:
@@ -136,6 +141,11 @@ def tiff_um_per_px(path: str | os.PathLike) -> float | None:
             unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
             unit = int(unit)
             px_per_unit = num / den if den else 0.0
+            if "YResolution" in tags:  # non-square pixels: no single scale to give
+                ynum, yden = tags["YResolution"].value
+                py = ynum / yden if yden else 0.0
+                if py > 0 and px_per_unit > 0 and abs(py / px_per_unit - 1) > 0.01:
+                    return None
     except Exception:
         return None
     if px_per_unit <= 0 or not math.isfinite(px_per_unit):
@@ -150,6 +160,33 @@ def tiff_um_per_px(path: str | os.PathLike) -> float | None:
     if unit == 2 and px_per_unit in (1.0, 72.0, 96.0, 150.0, 300.0, 600.0):
         return None
     return um
+
+
+#: OME length units -> µm.
+_OME_UNITS = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "\u00b5m": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def ome_um_per_px(path: str | os.PathLike) -> float | None:
+    """µm/px from an OME-TIFF's ``Pixels PhysicalSizeX`` (and ``PhysicalSizeXUnit``, default µm), else None."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata
+    except Exception:
+        return None
+    if not xml:
+        return None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.rsplit("}", 1)[-1] == "Pixels" and el.get("PhysicalSizeX"):
+            try:
+                v = float(el.get("PhysicalSizeX")) * _OME_UNITS[el.get("PhysicalSizeXUnit", "µm")]
+            except (ValueError, KeyError):
+                return None
+            return v if v > 0 and math.isfinite(v) else None
+    return None
 
 
 def _pil_um_per_px(path: Path) -> float | None:
@@ -190,7 +227,7 @@ def open_smear(path: str | os.PathLike, max_whole_pixels: int | None = None) -> 
     img = load_rgb(path, max_pixels=MAX_FIELD_PIXELS)
     um = _pil_um_per_px(path)
     return Smear(path, img.shape[:2], um, "file metadata (dpi)" if um else "unknown",
-                 lambda y0, x0, y1, x1: img[y0:y1, x0:x1])
+                 lambda y0, x0, y1, x1: img[y0:y1, x0:x1], um_code="file_dpi")
 
 
 def _open_tiff(path: Path, max_whole_pixels: int) -> Smear:
@@ -199,13 +236,15 @@ def _open_tiff(path: Path, max_whole_pixels: int) -> Smear:
             raise ImageError(path, "TIFF has no image pages")
         series = tif.series[0]
         shape, axes = tuple(series.shape), series.axes
-    um = tiff_um_per_px(path)
-    src = "file metadata (TIFF resolution)" if um else "unknown"
+    um, code, src = ome_um_per_px(path), "ome", "file metadata (OME PhysicalSizeX)"
+    if um is None:
+        um, code, src = tiff_um_per_px(path), "tiff_tag", "file metadata (TIFF resolution)"
+    src = src if um else "unknown"
     yx = _yx_layout(path, shape, axes)
     h, w = yx["h"], yx["w"]
     if h * w <= max_whole_pixels:
         img = load_rgb(path, max_pixels=max(MAX_FIELD_PIXELS, h * w))
-        return Smear(path, img.shape[:2], um, src, lambda y0, x0, y1, x1: img[y0:y1, x0:x1])
+        return Smear(path, img.shape[:2], um, src, lambda y0, x0, y1, x1: img[y0:y1, x0:x1], um_code=code)
     store = tifffile.imread(path, aszarr=True, level=0) if _has_levels(path) else tifffile.imread(path, aszarr=True)
     arr = zarr.open(store, mode="r")
     if hasattr(arr, "keys") and not hasattr(arr, "shape"):  # a group (pyramid): full resolution is "0"
@@ -220,7 +259,7 @@ def _open_tiff(path: Path, max_whole_pixels: int) -> Smear:
             region = np.asarray(arr[y0:y1, x0:x1, :])
         return to_rgb(region, path=path)
 
-    return Smear(path, (h, w), um, src, reader, closer=store.close, tiled=True)
+    return Smear(path, (h, w), um, src, reader, closer=store.close, tiled=True, um_code=code)
 
 
 def _has_levels(path: Path) -> bool:
