@@ -7,7 +7,9 @@ runs each smear through
     centre is in the tile's core -> crop at the model's field of view -> classify
     (temperature-calibrated) -> checkpoint
 
-and then refers low-confidence cells to an ``unidentified`` group and counts.
+and then refers low-confidence cells, and cells that look unlike the training data (the
+bundle's out-of-distribution reference: ``ood_score``/``ood_flag``, summed up per field and per run
+under ``ood`` in the summary), to an ``unidentified`` group and counts.
 :meth:`ScreenResult.write` writes ``cells.csv``, ``summary.json`` and ``review.html``
 atomically. Every image is screened on its own: a file that cannot be read, a field
 without leukocytes or an absurd scale ends as a clear error or an empty result in
@@ -42,6 +44,8 @@ from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json
+from leukoscope.models.inference import forward
+from leukoscope.models.ood import REFERENCE_KEY, colour_features, ood_summary, reference_threshold, score_cells
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
@@ -54,6 +58,10 @@ from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, t
 #: call is right; below 0.5 the call is more likely wrong than right, so counting it
 #: would add more error than information: such cells go to a person instead.
 DEFAULT_REFER_BELOW = 0.5
+#: ``refer_reason`` of cells referred for a calibrated top probability below ``refer_below``.
+REFER_LOW_CONFIDENCE = "low confidence"
+#: ``refer_reason`` of cells referred because they look unlike the training data (``ood_flag``).
+REFER_OOD = "out of distribution"
 #: Default tile (core) size in pixels for reading large scans.
 DEFAULT_TILE_SIZE = 2048
 CHECKPOINT_FORMAT = "leukoscope-screen-checkpoint/1"
@@ -110,7 +118,8 @@ def cell_columns(classes: Sequence[str]) -> list[str]:
     """Columns of ``cells.csv`` for a model with ``classes``."""
     return (["image", "x0", "y0", "x1", "y1", "pred", "confidence", "p_blast", "p_atypical"]
             + [f"prob_{c}" for c in classes]
-            + ["model_pred", "referred", "cx", "cy", "nucleus_um2", "cell_um2", "tile"])
+            + ["model_pred", "referred", "refer_reason", "ood_score", "ood_flag", "cx", "cy", "nucleus_um2",
+               "cell_um2", "tile"])
 
 
 class ScreenEngine:
@@ -121,7 +130,9 @@ class ScreenEngine:
     already through its pipeline, :func:`leukoscope.screen.crops.model_crops`).
     ``um_per_px``: the smears' scale, overriding the files' metadata (None: from the file,
     else estimated from red cells with a warning). ``refer_below``: cells whose calibrated
-    top probability is below it are ``unidentified``.
+    top probability is below it are ``unidentified``; so are cells that look unlike the training
+    data (``ood_flag``, :func:`leukoscope.models.ood.score_cells`) when the bundle stores an
+    out-of-distribution reference (``refer_reason``: ``low confidence``, ``out of distribution``).
     """
 
     def __init__(self, bundle, refer_below: float = DEFAULT_REFER_BELOW, tile_size: int = DEFAULT_TILE_SIZE,
@@ -254,8 +265,29 @@ class ScreenEngine:
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
         """Temperature-calibrated class probabilities of model inputs (crops through the bundle's pipeline)."""
-        probs = self.bundle.predict_proba_prepared(crops, batch_size=self.batch_size, calibrated=True)
-        return np.asarray(probs, dtype=np.float64)
+        return self.classify_cells(crops)[0]
+
+    def classify_cells(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`classify` and, when the bundle stores an out-of-distribution reference, each crop's
+        OOD score (:func:`leukoscope.models.ood.score_cells`: penultimate features and crop colour), else ``None``."""
+        if not (self.meta.get(REFERENCE_KEY) and hasattr(self.bundle, "model")):
+            probs = self.bundle.predict_proba_prepared(crops, batch_size=self.batch_size, calibrated=True)
+            return np.asarray(probs, dtype=np.float64), None
+        out = forward(self.bundle, crops, batch_size=self.batch_size, features=True,
+                      backend=getattr(self.bundle, "backend", "auto"))
+        colour = np.asarray([colour_features(c) for c in crops]).reshape(len(crops), 6)
+        return (np.asarray(out.probabilities(self.bundle.temperature), dtype=np.float64),
+                score_cells(self.bundle, out.features, colour).score)
+
+    def ood_summary(self, cells: pd.DataFrame) -> dict:
+        """``{flagged, total, fraction, median_score, threshold, warning}`` of some cells
+        (:func:`leukoscope.models.ood.ood_summary`), or a ``note`` when the bundle has no reference."""
+        ref = self.meta.get(REFERENCE_KEY)
+        if not ref or not hasattr(self.bundle, "model"):
+            return {"note": "no shift check: the bundle stores no out-of-distribution reference", "warning": None}
+        scored = cells[cells["ood_score"].notna()] if "ood_score" in cells else cells.iloc[:0]
+        thr = reference_threshold(ref, str(getattr(self.bundle, "path", None) or "the bundle"))
+        return ood_summary(scored["ood_flag"].to_numpy(dtype=bool), scored["ood_score"].to_numpy(dtype=np.float64), thr)
 
     def _finish_image(self, st: "_ImageState") -> ImageResult:
         res = st.res
@@ -289,9 +321,13 @@ class ScreenEngine:
             if r.status == "ok":
                 sub = cells[cells.image == r.image]
                 entry.update(count_summary(sub.pred.tolist(), sub.p_blast.to_numpy(), self.classes))
+                entry["ood"] = self.ood_summary(sub)
+                if entry["ood"].get("warning"):
+                    entry["warnings"] = [*entry["warnings"], entry["ood"]["warning"]]
             per_image.append(entry)
         ok = [r for r in results if r.status == "ok"]
         overall = count_summary(cells.pred.tolist(), cells.p_blast.to_numpy(), self.classes)
+        overall["ood"] = self.ood_summary(cells)
         overall.update({"images": len(results), "images_ok": len(ok), "images_failed": len(results) - len(ok)})
         summary = {
             "intended_use": INTENDED_USE,
@@ -302,6 +338,7 @@ class ScreenEngine:
             "settings": {"refer_below": self.refer_below, "tile_size": self.tile_size,
                          "um_per_px_override": self.um_per_px, "detector": self.params.to_dict()},
             "overall": overall,
+            "ood": overall["ood"],
             "images": per_image,
             "errors": [{"image": r.image, "error": r.error} for r in results if r.status != "ok"],
         }
@@ -317,7 +354,15 @@ class ScreenEngine:
         conf = probs.max(axis=1)
         cells["model_pred"] = [self.classes[i] for i in top]
         cells["confidence"] = conf
-        cells["referred"] = conf < self.refer_below
+        low = conf < self.refer_below
+        if "ood_score" in cells and cells["ood_score"].notna().any():
+            cells["ood_flag"] = (cells["ood_score"] > 1.0).to_numpy()
+        else:
+            cells["ood_score"], cells["ood_flag"] = np.nan, pd.array([pd.NA] * len(cells), dtype="boolean")
+        shifted = cells["ood_flag"].fillna(False).to_numpy(dtype=bool)
+        cells["referred"] = low | shifted
+        cells["refer_reason"] = [";".join(r for r, on in ((REFER_LOW_CONFIDENCE, lo), (REFER_OOD, sh)) if on)
+                                 for lo, sh in zip(low, shifted)]
         cells["pred"] = np.where(cells["referred"], UNIDENTIFIED, cells["model_pred"])
         cells["p_blast"] = taxonomy.binary_scores(probs, self.classes, "blast")
         cells["p_atypical"] = taxonomy.binary_scores(probs, self.classes, "atypical")
@@ -364,7 +409,7 @@ class _ClassifyQueue:
             return
         items, self.items, self.n = self.items, [], 0
         try:
-            probs = self.engine.classify(np.concatenate([c for _, _, _, c in items]))
+            probs, ood = self.engine.classify_cells(np.concatenate([c for _, _, _, c in items]))
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -379,6 +424,8 @@ class _ClassifyQueue:
             i += len(crops)
             for k, c in enumerate(self.engine.classes):
                 df[f"prob_{c}"] = p[:, k]
+            if ood is not None:
+                df["ood_score"] = ood[i - len(crops):i]
             if st.res.status == "ok":
                 st.tile_done(index, df)
 
