@@ -167,3 +167,51 @@ def test_screen_without_a_reference_has_empty_ood_columns_and_a_note():
     assert res.cells["ood_score"].isna().all() and res.cells["ood_flag"].isna().all()
     assert list(res.cells["refer_reason"]) == ["", REFER_LOW_CONFIDENCE]
     assert "no out-of-distribution reference" in res.summary["ood"]["note"] and res.summary["ood"]["warning"] is None
+
+
+def _tiny_bundle(path):
+    import torch
+
+    from leukoscope.models.bundle import make_meta, save_bundle
+    from leukoscope.models.registry import create_model
+
+    torch.manual_seed(0)
+    kw = {"widths": [8, 16], "hidden": 16, "dropout": 0.0}
+    model = create_model("plain_cnn", num_classes=4, **kw).eval()
+    meta = make_meta(classes=("LYT", "MOB", "MYO", "NGS"), model="plain_cnn", input_size=32, mean=(0.5,) * 3,
+                     std=(0.25,) * 3, um_per_px=None, temperature=1.0, config={"model_kwargs": kw})
+    return save_bundle(model, meta, path)
+
+
+def test_predict_scores_each_image_and_warns_on_a_shifted_folder(cells, tmp_path, capsys):
+    from PIL import Image
+
+    from leukoscope.cli.main import main
+    from leukoscope.imaging.images import load_rgb
+    from leukoscope.models.bundle import load_bundle
+    from leukoscope.models.ood import COLOUR_ON_INPUT, colour_basis, fit_reference, store_reference
+    from leukoscope.predict import NO_REFERENCE_NOTE, OOD_COLUMNS, predict_paths
+
+    path = _tiny_bundle(tmp_path / "model.safetensors")
+    table = cells.table
+    plain = predict_paths(load_bundle(path), [str(p) for p in table["path"]])
+    assert not set(OOD_COLUMNS) & set(plain.table.columns) and plain.ood["note"] == NO_REFERENCE_NOTE
+    ref = fit_reference(load_bundle(path), table, stain=False)
+    assert colour_basis(ref) == COLOUR_ON_INPUT and ref["threshold"]["n"] == len(table)
+    store_reference(path, ref)
+    b = load_bundle(path)
+    same = predict_paths(b, [str(p) for p in table["path"]])
+    assert list(same.table.columns[-2:]) == OOD_COLUMNS
+    assert same.ood["total"] == len(table) and same.ood["warning"] is None
+    np.testing.assert_allclose(same.table[[c for c in same.table if c.startswith("prob_")]].to_numpy(),
+                               plain.table[[c for c in plain.table if c.startswith("prob_")]].to_numpy(), atol=1e-6)
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    for i, p in enumerate(table["path"]):  # green and blue swapped: a stain no training cell had
+        Image.fromarray(load_rgb(p)[..., [0, 2, 1]]).save(shifted / f"c{i}.png")
+    out = tmp_path / "shifted.csv"
+    assert main(["predict", str(path), str(shifted), "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    df = pd.read_csv(out)
+    assert df["ood_flag"].mean() > OOD_WARN_FRACTION
+    assert f"{int(df['ood_flag'].sum())} of {len(df)} cells look unlike the training data; calls are unreliable" in err

@@ -27,10 +27,11 @@ from leukoscope.data.readers import iter_image_paths
 from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy
 from leukoscope.models.inference import forward
-from leukoscope.models.ood import CellScores, ood_summary, prepare_images, score_cells
+from leukoscope.models.ood import CellScores, colour_basis, ood_summary, prepare_images, score_cells
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
-#: Last columns of a prediction table: per-image OOD score (1.0 = the threshold) and flag; empty without a reference.
+#: Last columns of a prediction table when the bundle stores an OOD reference: per-image score (1.0 = the threshold)
+#: and flag (:func:`leukoscope.models.ood.score_cells`); a bundle without one gets neither, and ``result.ood`` says so.
 OOD_COLUMNS = ["ood_score", "ood_flag"]
 NO_REFERENCE_NOTE = "no shift check: the bundle stores no out-of-distribution reference"
 
@@ -86,9 +87,10 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
     (:func:`estimate_input_scale`), which is also the default for a model trained on estimated
     scales (``training_scale.scale == "estimate"``); otherwise each image is resized to the model
     input. ``tta``: probabilities averaged over the 8 rotations by 90° and mirror images of each
-    image (:meth:`~leukoscope.models.bundle.ModelBundle.predict_proba`). The table ends with
-    :data:`OOD_COLUMNS` (the plain view's features and the original image's colour against the
-    bundle's reference) and ``result.ood`` is their :func:`~leukoscope.models.ood.ood_summary`.
+    image (:meth:`~leukoscope.models.bundle.ModelBundle.predict_proba`). With a bundle that stores an
+    out-of-distribution reference the table ends with :data:`OOD_COLUMNS` (the plain view's features
+    and the original image's colour against it) and ``result.ood`` is their
+    :func:`~leukoscope.models.ood.ood_summary`; without one, ``result.ood`` holds a ``note``.
     """
     inputs = list(inputs)
     paths = expand_inputs(inputs)
@@ -108,7 +110,8 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
         bar = tqdm(total=len(paths), desc="predicting", unit="img")
     for start in range(0, len(paths), chunk):
         names = [str(p) for p in paths[start:start + chunk]]
-        x, ok, errs, *col = prepare_images(bundle, names, [per_path.get(n) for n in names], colour=check)
+        x, ok, errs, *col = prepare_images(bundle, names, [per_path.get(n) for n in names], colour=check,
+                                           colour_on=colour_basis(bundle.meta.get("reference")))
         errors.extend(errs)
         if ok:
             out = forward(bundle, x, batch_size=batch_size, tta=tta, features=check, backend=getattr(bundle, "backend", "auto"))
@@ -128,6 +131,5 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
         threshold = ood_parts[0].threshold if ood_parts else None
         ood = ood_summary(table["ood_flag"].to_numpy(), score, threshold)
     else:
-        table["ood_score"], table["ood_flag"] = np.nan, pd.array([pd.NA] * len(table), dtype="boolean")
         ood = {"note": NO_REFERENCE_NOTE, "warning": None}
     return PredictResult(table, errors, scale, ood)

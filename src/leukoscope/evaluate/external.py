@@ -47,7 +47,8 @@ from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.models.inference import forward
-from leukoscope.models.ood import REFERENCE_KEY, ood_check, ood_summary, prepare_images, score_cells
+from leukoscope.models.ood import (REFERENCE_KEY, colour_basis, ood_check, ood_summary, prepare_images,
+                                   score_cells)
 
 
 
@@ -136,7 +137,7 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
 
     known = df["label"].isin(classes).to_numpy()
     x, ok, errors, col = prepare_images(bundle, list(df["path"].astype(str)), df["um_per_px"].tolist(),
-                                        stain_target=target, colour=True)
+                                        stain_target=target, colour=True, colour_on=colour_basis(ref))
     out = forward(bundle, x, batch_size=batch_size, features=True, tta=tta, precision="fp32")
     f = out.features
     plain = out.probabilities(bundle.temperature, tta=False)

@@ -55,6 +55,10 @@ SHIFT_BANNER = "these cells look unlike the training data; calls are unreliable"
 FALLBACK_RULE = ("no calibrated threshold in the bundle: features beyond 1.25 x the reference's in-sample 99th "
                  "percentile distance, colour beyond the larger of its 95th percentile and the Gaussian 99% point")
 _FALLBACK_WARNED: set = set()
+#: Colour features measured on the model input (what the model and ``screen`` see) ...
+COLOUR_ON_INPUT = "model input"
+#: ... or on the original image (references made before the model-input colour).
+COLOUR_ON_IMAGE = "image"
 
 
 class OODWarning(UserWarning):
@@ -76,24 +80,40 @@ def colour_features(img: np.ndarray) -> np.ndarray:
 
 
 def prepare_images(bundle, paths: Sequence[str], um_per_px: Sequence[float], *,
-                   stain_target: dict | None = None, colour: bool = False):
+                   stain_target: dict | None = None, colour: bool = False, colour_on: str = COLOUR_ON_INPUT):
     """Load, optionally stain-normalise, and bring images to the model input (:func:`prepare_many`).
 
     Returns ``(uint8 NHWC, indices of the images that worked, errors)``, plus the
-    :func:`colour_features` of each original image when ``colour=True`` (white-balanced first for
-    a bundle that white-balances its inputs: a colour cast it removes is no shift for it).
+    :func:`colour_features` of each image when ``colour=True``: of the model input
+    (``colour_on=COLOUR_ON_INPUT``: white-balanced, scaled and cropped as the model sees it, which
+    is also what ``screen`` has of a cell), or of the original image (``COLOUR_ON_IMAGE``, white-balanced
+    first for a bundle that white-balances its inputs; references made before the model-input colour).
+    A colour cast the bundle removes is no shift for it.
     """
+    if colour_on not in (COLOUR_ON_INPUT, COLOUR_ON_IMAGE):
+        raise ValueError(f"colour_on must be {COLOUR_ON_INPUT!r} or {COLOUR_ON_IMAGE!r}, got {colour_on!r}")
     cols: dict = {}
+    on_image = colour and colour_on == COLOUR_ON_IMAGE
 
     def before(i: int, img: np.ndarray) -> np.ndarray:
-        if colour:
+        if on_image:
             cols[i] = colour_features(white_balance(img) if getattr(bundle, "white_balance", False) else img)
         return normalize_stain(img, target=stain_target) if stain_target is not None else img
 
     batch = prepare_many(bundle, list(paths), list(um_per_px), before=before)
-    if colour:
-        return batch.x, batch.ok, batch.errors, np.asarray([cols[i] for i in batch.ok]).reshape(len(batch.ok), 6)
-    return batch.x, batch.ok, batch.errors
+    if not colour:
+        return batch.x, batch.ok, batch.errors
+    if on_image:
+        col = [cols[i] for i in batch.ok]
+    else:
+        col = [colour_features(x) for x in batch.x]
+    return batch.x, batch.ok, batch.errors, np.asarray(col, dtype=np.float64).reshape(len(batch.ok), 6)
+
+
+def colour_basis(ref: dict | None) -> str:
+    """What the colour features of reference ``ref`` were measured on: :data:`COLOUR_ON_INPUT` or
+    (references made before it was recorded) :data:`COLOUR_ON_IMAGE`."""
+    return ((ref or {}).get("colour") or {}).get("on", COLOUR_ON_IMAGE)
 
 
 def fit_reference(bundle, table: pd.DataFrame, *, um_per_px=None, estimate_scale: str = "group",
@@ -173,7 +193,7 @@ def _fit_feature_space(f: np.ndarray, labels: np.ndarray, classes: Sequence[str]
 def _fit_colour(col: np.ndarray) -> dict:
     mu = col.mean(0)
     cov = np.cov(col.T) + np.eye(col.shape[1]) * 1e-2
-    ref = {"mean": mu.tolist(), "inv_cov": np.linalg.inv(cov).tolist(),
+    ref = {"mean": mu.tolist(), "inv_cov": np.linalg.inv(cov).tolist(), "on": COLOUR_ON_INPUT,
            "features": "CIELAB mean of the light two thirds and of the darkest 5% of pixels"}
     d = colour_distances(ref, col)
     # in-sample distances are optimistic with few cells: never below the Gaussian 95% point

@@ -45,7 +45,8 @@ from leukoscope.imaging.images import ImageError
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.models.inference import forward
-from leukoscope.models.ood import REFERENCE_KEY, colour_features, ood_summary, reference_threshold, score_cells
+from leukoscope.models.ood import (COLOUR_ON_INPUT, REFERENCE_KEY, colour_basis, colour_features, ood_summary,
+                                   reference_threshold, score_cells)
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
@@ -275,7 +276,9 @@ class ScreenEngine:
             return np.asarray(probs, dtype=np.float64), None
         out = forward(self.bundle, crops, batch_size=self.batch_size, features=True,
                       backend=getattr(self.bundle, "backend", "auto"))
-        colour = np.asarray([colour_features(c) for c in crops]).reshape(len(crops), 6)
+        colour = None  # a reference whose colour was measured on whole images cannot judge crops: features only
+        if colour_basis(self.meta[REFERENCE_KEY]) == COLOUR_ON_INPUT:
+            colour = np.asarray([colour_features(c) for c in crops]).reshape(len(crops), 6)
         return (np.asarray(out.probabilities(self.bundle.temperature), dtype=np.float64),
                 score_cells(self.bundle, out.features, colour).score)
 
