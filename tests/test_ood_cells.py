@@ -20,7 +20,7 @@ from leukoscope.screen.review import write_review
 CLASSES = ("EOS", "LYT", "NGS")
 
 
-def cells(n, seed, shift=0.0, colour_shift=0.0, d=24):
+def gen_cells(n, seed, shift=0.0, colour_shift=0.0, d=24):
     """Features of ``n`` cells in three Gaussian classes (``shift`` moves them off), with colour features."""
     rng = np.random.default_rng(seed)
     labels = np.array(CLASSES)[np.arange(n) % 3]
@@ -36,13 +36,13 @@ def fake_bundle(ref, path="fake.safetensors"):
 
 
 def test_threshold_is_calibrated_out_of_fold_and_held_out_false_alarms_stay_low():
-    f, y, col = cells(400, 0)
+    f, y, col = gen_cells(400, 0)
     thr = calibrate_threshold(f, y, CLASSES, col, quantile=0.99)
     assert thr["quantile"] == 0.99 and thr["n"] == 400 and thr["feature"] > 0 and thr["colour"] > 0
     # either signal beyond its 99th percentile: about 1-2 % of the validation cells
     assert 0.0 < thr["validation_false_alarm_rate"] <= 0.03
     ref = reference_from_features(f, y, CLASSES, col)
-    held_f, held_y, held_col = cells(2000, 1)
+    held_f, held_y, held_col = gen_cells(2000, 1)
     s = score_cells(fake_bundle(ref), held_f, held_col)
     assert s.flag.mean() <= 0.05
     np.testing.assert_array_equal(s.flag, s.score > 1.0)
@@ -52,12 +52,12 @@ def test_threshold_is_calibrated_out_of_fold_and_held_out_false_alarms_stay_low(
 
 
 def test_score_is_the_worst_signal_over_its_threshold():
-    f, y, col = cells(300, 0)
+    f, y, col = gen_cells(300, 0)
     ref = reference_from_features(f, y, CLASSES, col)
     b = fake_bundle(ref)
-    feat_off, _, _ = cells(100, 2, shift=8.0)
-    _, _, col_off = cells(100, 3, colour_shift=25.0)
-    base_f, _, base_col = cells(100, 4)
+    feat_off, _, _ = gen_cells(100, 2, shift=8.0)
+    _, _, col_off = gen_cells(100, 3, colour_shift=25.0)
+    base_f, _, base_col = gen_cells(100, 4)
     assert score_cells(b, feat_off, base_col).flag.mean() > 0.9       # features alone
     assert score_cells(b, base_f, col_off).flag.mean() > 0.9          # colour alone
     only_features = score_cells(b, base_f, None)
@@ -67,7 +67,7 @@ def test_score_is_the_worst_signal_over_its_threshold():
 
 
 def test_old_bundle_without_threshold_uses_the_fallback_and_says_so_once():
-    f, y, col = cells(300, 0)
+    f, y, col = gen_cells(300, 0)
     ref = reference_from_features(f, y, CLASSES, col)
     del ref["threshold"]
     b = fake_bundle(ref, path="old-bundle-for-test.safetensors")
@@ -124,7 +124,7 @@ def _result(engine, conf, scores, image="field.png"):
 
 
 def test_screen_refers_ood_cells_and_sums_them_up_per_field_and_run(tmp_path):
-    f, y, col = cells(300, 0)
+    f, y, col = gen_cells(300, 0)
     ref = reference_from_features(f, y, CLASSES, col)
     engine = ScreenEngine(_OODScriptedBundle(ref, None, None), refer_below=0.5, progress=False)
     # field a: 4 cells, one low-confidence, one OOD, one both; field b: in distribution
@@ -215,3 +215,33 @@ def test_predict_scores_each_image_and_warns_on_a_shifted_folder(cells, tmp_path
     df = pd.read_csv(out)
     assert df["ood_flag"].mean() > OOD_WARN_FRACTION
     assert f"{int(df['ood_flag'].sum())} of {len(df)} cells look unlike the training data; calls are unreliable" in err
+
+
+def test_review_station_shows_the_shift_banner_and_refers_flagged_predict_images(tmp_path, cells):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from leukoscope.review import ReviewStore
+    from leukoscope.review.app import create_app
+
+    f, y, col = gen_cells(300, 0)
+    engine = ScreenEngine(_OODScriptedBundle(reference_from_features(f, y, CLASSES, col), None, None),
+                          refer_below=0.5, progress=False)
+    field = tmp_path / "c.png"
+    Image.fromarray(np.full((100, 400, 3), 220, np.uint8)).save(field)
+    res = engine.assemble([_result(engine, [0.9] * 5, [1.5, 2.0, 0.4, 3.0, 1.2], str(field))])
+    out = tmp_path / "screen"
+    res.write(out, review=False)
+    with ReviewStore.open_or_create(out) as store:
+        assert store.run["ood"]["flagged"] == 4 and store.run["ood"]["warning"] == shift_warning(4, 5)
+        html = TestClient(create_app(store), base_url="http://127.0.0.1:8765").get("/").text
+    assert SHIFT_BANNER in html and "4 of 5 cells" in html
+    # a predict table: an image flagged by ood_flag is referred even when confident
+    table = cells.table.head(3)
+    pred = pd.DataFrame({"path": table["path"].astype(str), "pred": "NGS", "p_blast": 0.0, "p_atypical": 0.0,
+                         "prob_NGS": 0.9, "prob_LYT": 0.1, "ood_score": [0.5, 2.0, 0.7],
+                         "ood_flag": [False, True, False]})
+    pred.to_csv(tmp_path / "pred.csv", index=False)
+    with ReviewStore.open_or_create(tmp_path / "pred.csv") as store:
+        assert [c["model_call"] for c in store.cells()].count("unidentified") == 1
+        assert store.run["ood"]["flagged"] == 1 and store.run["ood"]["warning"] is not None  # 1 of 3 > 20 %
