@@ -27,13 +27,13 @@ from leukoscope.data.readers import iter_image_paths
 from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy
 from leukoscope.models.inference import forward
-from leukoscope.models.ood import CellScores, colour_basis, ood_summary, prepare_images, score_cells
+from leukoscope.models.ood import (NO_REFERENCE_NOTE, CellScores, colour_basis, ood_summary, prepare_images,
+                                   score_cells)
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
 #: Last columns of a prediction table when the bundle stores an OOD reference: per-image score (1.0 = the threshold)
 #: and flag (:func:`leukoscope.models.ood.score_cells`); a bundle without one gets neither, and ``result.ood`` says so.
 OOD_COLUMNS = ["ood_score", "ood_flag"]
-NO_REFERENCE_NOTE = "no shift check: the bundle stores no out-of-distribution reference"
 
 
 @dataclass
@@ -114,7 +114,8 @@ def predict_paths(bundle, inputs: Iterable[str | os.PathLike], um_per_px: float 
                                            colour_on=colour_basis(bundle.meta.get("reference")))
         errors.extend(errs)
         if ok:
-            out = forward(bundle, x, batch_size=batch_size, tta=tta, features=check, backend=getattr(bundle, "backend", "auto"))
+            out = forward(bundle, x, batch_size=batch_size, tta=tta, features=check,
+                          backend=getattr(bundle, "backend", "auto"))
             parts.append(out.probabilities(bundle.temperature if calibrated else 1.0))
             if check:
                 ood_parts.append(score_cells(bundle, out.features, col[0]))

@@ -50,6 +50,8 @@ OOD_FOLDS = 5
 #: A run (or a field) gets the shift warning when more than this fraction of its cells are flagged
 #: (or their median score is above the threshold).
 OOD_WARN_FRACTION = 0.20
+#: What a shift summary says when the bundle cannot be checked.
+NO_REFERENCE_NOTE = "no shift check: the bundle stores no out-of-distribution reference"
 #: The banner of the review pages when a run is shifted.
 SHIFT_BANNER = "these cells look unlike the training data; calls are unreliable"
 FALLBACK_RULE = ("no calibrated threshold in the bundle: features beyond 1.25 x the reference's in-sample 99th "

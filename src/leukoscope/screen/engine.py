@@ -45,8 +45,8 @@ from leukoscope.imaging.images import ImageError
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.models.inference import forward
-from leukoscope.models.ood import (COLOUR_ON_INPUT, REFERENCE_KEY, colour_basis, colour_features, ood_summary,
-                                   reference_threshold, score_cells)
+from leukoscope.models.ood import (COLOUR_ON_INPUT, NO_REFERENCE_NOTE, REFERENCE_KEY, colour_basis, colour_features,
+                                   ood_summary, reference_threshold, score_cells)
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
@@ -287,10 +287,11 @@ class ScreenEngine:
         (:func:`leukoscope.models.ood.ood_summary`), or a ``note`` when the bundle has no reference."""
         ref = self.meta.get(REFERENCE_KEY)
         if not ref or not hasattr(self.bundle, "model"):
-            return {"note": "no shift check: the bundle stores no out-of-distribution reference", "warning": None}
+            return {"note": NO_REFERENCE_NOTE, "warning": None}
         scored = cells[cells["ood_score"].notna()] if "ood_score" in cells else cells.iloc[:0]
         thr = reference_threshold(ref, str(getattr(self.bundle, "path", None) or "the bundle"))
-        return ood_summary(scored["ood_flag"].to_numpy(dtype=bool), scored["ood_score"].to_numpy(dtype=np.float64), thr)
+        return ood_summary(scored["ood_flag"].to_numpy(dtype=bool), scored["ood_score"].to_numpy(dtype=np.float64),
+                           thr)
 
     def _finish_image(self, st: "_ImageState") -> ImageResult:
         res = st.res

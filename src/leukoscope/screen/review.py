@@ -164,7 +164,9 @@ def review_context(result, bundle=None, max_cells: int = MAX_CELLS, max_saliency
 def shift_banner(summary: dict) -> dict | None:
     """The review page's shift warning of a screen summary (``summary["ood"]["warning"]``), or ``None``."""
     ood = summary.get("ood") or {}
-    return {"banner": SHIFT_BANNER, "flagged": ood.get("flagged"), "total": ood.get("total")} if ood.get("warning") else None
+    if not ood.get("warning"):
+        return None
+    return {"banner": SHIFT_BANNER, "flagged": ood.get("flagged"), "total": ood.get("total")}
 
 
 def pct(x, nd: int = 1) -> str:
