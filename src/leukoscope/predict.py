@@ -7,6 +7,9 @@
 ['path', 'pred', 'p_blast', 'p_atypical']
 
 Unreadable images are reported in ``result.errors`` and skipped; they never end the run.
+With a bundle that stores an out-of-distribution reference, each image also gets ``ood_score`` and
+``ood_flag`` (:func:`leukoscope.models.ood.score_cells`) and ``result.ood`` sums them up, with the
+shift warning when too many look unlike the training data.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ from tqdm.auto import tqdm
 from leukoscope.data.readers import as_path_list, iter_image_paths
 from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
-from leukoscope.models.inference import nonfinite_errors, prepare_many
+from leukoscope.models.inference import forward, nonfinite_errors
+from leukoscope.models.ood import (NO_REFERENCE_NOTE, CellScores, colour_basis, ood_summary, prepare_images,
+                                   score_cells)
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
+#: Last columns of a prediction table when the bundle stores an OOD reference: per-image score (1.0 = the threshold)
+#: and flag (:func:`leukoscope.models.ood.score_cells`); a bundle without one gets neither, and ``result.ood`` says so.
+OOD_COLUMNS = ["ood_score", "ood_flag"]
 
 
 @dataclass
@@ -33,6 +41,7 @@ class PredictResult:
     table: pd.DataFrame                      # path,pred,p_blast,p_atypical,prob_<CLASS>...
     errors: list[dict] = field(default_factory=list)   # [{"path", "reason"}]
     scale: dict = field(default_factory=dict)          # how the inputs' µm/px was obtained
+    ood: dict = field(default_factory=dict)            # ood_summary of all images (+ "warning"), or a "note"
 
 
 def _trained_on_estimated_scale(bundle) -> bool:
@@ -80,7 +89,10 @@ def predict_paths(bundle, inputs: str | os.PathLike | Iterable[str | os.PathLike
     (:func:`estimate_input_scale`), which is also the default for a model trained on estimated
     scales (``training_scale.scale == "estimate"``); otherwise each image is resized to the model
     input. ``tta``: probabilities averaged over the 8 rotations by 90° and mirror images of each
-    image (:meth:`~leukoscope.models.bundle.ModelBundle.predict_proba`).
+    image (:meth:`~leukoscope.models.bundle.ModelBundle.predict_proba`). With a bundle that stores an
+    out-of-distribution reference the table ends with :data:`OOD_COLUMNS` (the plain view's features
+    and the original image's colour against it) and ``result.ood`` is their
+    :func:`~leukoscope.models.ood.ood_summary`; without one, ``result.ood`` holds a ``note``.
     """
     inputs = as_path_list(inputs)
     if um_per_px is not None and not (isinstance(um_per_px, str) and um_per_px == "estimate"):
@@ -93,22 +105,38 @@ def predict_paths(bundle, inputs: str | os.PathLike | Iterable[str | os.PathLike
     errors: list[dict] = []
     good: list[str] = []
     parts: list[np.ndarray] = []
+    check = bool(bundle.meta.get("reference"))
+    ood_parts: list[CellScores] = []
     bar = None
     if progress:
         bar = tqdm(total=len(paths), desc="predicting", unit="img")
     for start in range(0, len(paths), chunk):
         names = [str(p) for p in paths[start:start + chunk]]
-        batch = prepare_many(bundle, names, [per_path.get(n) for n in names])
-        errors.extend(batch.errors)
-        if batch.ok:
-            p = bundle.predict_proba_prepared(batch.x, batch_size=batch_size, calibrated=calibrated, tta=tta)
-            finite, bad = nonfinite_errors(p, [names[i] for i in batch.ok])  # never a call: an error
+        x, ok, errs, *col = prepare_images(bundle, names, [per_path.get(n) for n in names], colour=check,
+                                           colour_on=colour_basis(bundle.meta.get("reference")))
+        errors.extend(errs)
+        if ok:
+            out = forward(bundle, x, batch_size=batch_size, tta=tta, features=check,
+                          backend=getattr(bundle, "backend", "auto"))
+            p = out.probabilities(bundle.temperature if calibrated else 1.0)
+            finite, bad = nonfinite_errors(p, [names[i] for i in ok])  # never a call: an error
             errors.extend(bad)
             parts.append(p[finite])
-            good.extend(names[i] for i, f in zip(batch.ok, finite) if f)
+            if check:
+                sc = score_cells(bundle, out.features, col[0])
+                ood_parts.append(CellScores(sc.score[finite], sc.flag[finite], sc.threshold))
+            good.extend(names[i] for i, f in zip(ok, finite) if f)
         if bar is not None:
             bar.update(len(names))
     if bar is not None:
         bar.close()
     probs = np.concatenate(parts) if parts else np.zeros((0, len(bundle.classes)))
-    return PredictResult(predictions_table(good, probs, bundle.classes), errors, scale)
+    table = predictions_table(good, probs, bundle.classes)
+    if check:
+        score = np.concatenate([o.score for o in ood_parts]) if ood_parts else np.zeros(0)
+        table["ood_score"], table["ood_flag"] = score, score > 1.0
+        threshold = ood_parts[0].threshold if ood_parts else None
+        ood = ood_summary(table["ood_flag"].to_numpy(), score, threshold)
+    else:
+        ood = {"note": NO_REFERENCE_NOTE, "warning": None}
+    return PredictResult(table, errors, scale, ood)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from leukoscope.cli._common import um_per_px_arg
 from leukoscope.io import atomic_write_csv
@@ -16,7 +17,10 @@ DESCRIPTION = (
     "p_atypical = the atypical classes). Folders are searched recursively for images. Unreadable images are "
     "reported and skipped; they never end the run. With --um-per-px X (or 'estimate', from the red cells; the "
     "default for a model trained with --scale estimate) the images are resampled to the model's physical scale; "
-    "otherwise each is resized to the model input."
+    "otherwise each is resized to the model input. With a bundle that stores an out-of-distribution reference "
+    "(every 'leukoscope train' run), the table ends with ood_score (1.0 = the threshold calibrated on the training "
+    "run's validation cells) and ood_flag, and a warning goes to stderr when more than 20% of the images (or their "
+    "median score) look unlike the training data."
 )
 
 
@@ -55,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     counts = res.table["pred"].value_counts()
     print(f"wrote {args.out}: {len(res.table)} images" + (f", {len(res.errors)} skipped" if res.errors else "")
           + ("; " + ", ".join(f"{c} {n}" for c, n in counts.items()) if len(counts) else ""))
+    if res.ood.get("warning"):
+        print(f"warning: {res.ood['warning']} (ood_flag in {args.out})", file=sys.stderr)
+    elif res.ood.get("note"):
+        print(f"note: {res.ood['note']}", file=sys.stderr)
     if not len(res.table) and res.errors:
         return 1
     return 0

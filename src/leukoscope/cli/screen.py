@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     pct = "n/a" if ov["blast_pct"] is None else f"{ov['blast_pct']:.1f}% (95% CI {ov['blast_pct_ci'][0]:.1f}-{ov['blast_pct_ci'][1]:.1f}%)"
     print(f"overall: {ov['cells_found']} cells, {ov['identified']} identified, {ov['unidentified']} unidentified; "
           f"blasts {pct}" + (f"; flags: {'; '.join(ov['flag_text'])}" if ov["flag_text"] else ""))
+    if (result.summary.get("ood") or {}).get("warning"):
+        print(f"warning: {result.summary['ood']['warning']} (ood_flag in cells.csv; flagged cells are referred)",
+              file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if ov["images_ok"]:
         print(f"review, correct and sign off the calls in the browser: leukoscope review {args.out}")

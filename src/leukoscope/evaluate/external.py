@@ -21,7 +21,8 @@ The question of issue 7: does a model trained on one lab's cells work on another
    light pixels and of nuclei, Mahalanobis distance), and the drop in mean
    max-probability. A source whose cells lie beyond the reference's 95th-percentile
    distance far more often than 5% of the time, or whose confidence drops clearly,
-   gets a warning line.
+   gets a warning line. Each cell also gets the per-cell ``ood_score``/``ood_flag`` of ``predict`` and
+   ``screen`` (:func:`leukoscope.models.ood.score_cells`), summed up per source under ``ood[source]["cells"]``.
 
 >>> from leukoscope.models.bundle import load_bundle
 >>> from leukoscope.data import read_dataset
@@ -46,7 +47,8 @@ from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.models.inference import forward, nonfinite_errors
-from leukoscope.models.ood import REFERENCE_KEY, feature_distances, ood_check, prepare_images
+from leukoscope.models.ood import (REFERENCE_KEY, colour_basis, ood_check, ood_summary, prepare_images,
+                                   score_cells)
 
 
 
@@ -137,7 +139,7 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
 
     known = df["label"].isin(classes).to_numpy()
     x, ok, errors, col = prepare_images(bundle, list(df["path"].astype(str)), df["um_per_px"].tolist(),
-                                        stain_target=target, colour=True)
+                                        stain_target=target, colour=True, colour_on=colour_basis(ref))
     out = forward(bundle, x, batch_size=batch_size, features=True, tta=tta, precision="fp32")
     f = out.features
     plain = out.probabilities(bundle.temperature, tta=False)
@@ -153,7 +155,9 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
     pred["source"] = rows["group"].to_numpy()
     pred["known"] = rows["label"].isin(classes).to_numpy()
     pred["max_prob"] = probs.max(1) if len(probs) else np.zeros(0)
-    pred["ood_score"] = feature_distances(ref, f) if (ref is not None and len(f)) else np.nan
+    cell_ood = score_cells(bundle, f, col) if (ref is not None and len(f)) else None
+    pred["ood_score"] = cell_ood.score if cell_ood is not None else np.nan
+    pred["ood_flag"] = cell_ood.flag if cell_ood is not None else pd.array([pd.NA] * len(pred), dtype="boolean")
     pred["um_per_px"] = rows["um_per_px"].to_numpy()
     pred["scale_origin"] = rows["scale_origin"].to_numpy()
 
@@ -182,6 +186,8 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
             mask = (pred["source"] == g).to_numpy()
             ood[str(g)] = ood_check(ref, f[mask] if len(f) else f, plain.max(1)[mask], str(g),
                                     colour=col[mask])
+            if cell_ood is not None:  # the per-cell flag of predict and screen, summed up for this source
+                ood[str(g)]["cells"] = ood_summary(cell_ood.flag[mask], cell_ood.score[mask], cell_ood.threshold)
             if ood[str(g)].get("warning"):
                 res_warn.append(ood[str(g)]["warning"])
     if ref is None:

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel
 
 from leukoscope import INTENDED_USE, __version__
+from leukoscope.models.ood import SHIFT_BANNER
 from leukoscope.review.export import differential_record, differential_table, render_report, templates
 from leukoscope.review.labels import CLASS_ORDER, KEY_OF, LABELS, NOT_COUNTED, OUTCOMES, label_name
 from leukoscope.review.model_views import ModelUnavailable, ModelViews
@@ -154,7 +155,7 @@ def create_app(store, token: str | None = None, views: ModelViews | None = None,
             csrf=csrf, reviewer=default_reviewer, keys=[(KEY_OF[lab], lab, label_name(lab)) for lab in
                                                         CLASS_ORDER + OUTCOMES[:1] + NOT_COUNTED],
             labels={lab: {"name": label_name(lab), "key": KEY_OF[lab]} for lab in LABELS},
-            intended_use=INTENDED_USE, version=__version__, db=str(store.path))
+            intended_use=INTENDED_USE, version=__version__, db=str(store.path), shift_banner=SHIFT_BANNER)
         return HTMLResponse(html)
 
     @app.get("/api/state")

@@ -30,6 +30,7 @@ from leukoscope import __version__, taxonomy
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.io import file_sha256
 from leukoscope.models.bundle import read_meta
+from leukoscope.models.ood import ood_summary
 from leukoscope.screen.count import UNIDENTIFIED
 from leukoscope.screen.crops import background_colour, cell_crop, native_square, png_bytes
 from leukoscope.screen.engine import DEFAULT_REFER_BELOW
@@ -184,7 +185,7 @@ def _screen_rows(folder: Path):
     run = {"kind": "screen", "classes": classes, "model": summary.get("model") or {},
            "scale": {"images": {k: v for k, v in scales.items()},
                      "sources": {im["image"]: im.get("um_per_px_source") for im in summary["images"]}},
-           "refer_below": (summary.get("settings") or {}).get("refer_below")}
+           "refer_below": (summary.get("settings") or {}).get("refer_below"), "ood": summary.get("ood")}
     return run, fields, rows
 
 
@@ -196,6 +197,9 @@ def _predict_rows(csv: Path, um_per_px: float | None, refer_below: float):
     top3 = _top3(probs, classes)
     conf = probs.max(axis=1) if len(df) else np.zeros(0)
     p_blast = taxonomy.binary_scores(probs, classes, "blast")
+    # images that look unlike the training data (predict's ood_flag) are referred like low-confidence ones
+    shifted = (df["ood_flag"].astype(str).str.lower().eq("true").to_numpy() if "ood_flag" in df
+               else np.zeros(len(df), dtype=bool))
     rows, missing = [], []
     for i, name in enumerate(df["path"].astype(str)):
         path = _resolve_image(name, csv.parent)
@@ -206,7 +210,7 @@ def _predict_rows(csv: Path, um_per_px: float | None, refer_below: float):
             continue
         h, w = img.shape[:2]
         model_pred = classes[int(probs[i].argmax())]
-        referred = bool(conf[i] < refer_below)
+        referred = bool(conf[i] < refer_below or shifted[i])
         rows.append((name, 0, 0, w, h, w / 2, h / 2, 0, 0, um_per_px, model_pred, UNIDENTIFIED if referred else model_pred,
                      float(conf[i]), top3[i], float(p_blast[i]), int(referred), png_bytes(img)))
     if missing:
@@ -215,7 +219,8 @@ def _predict_rows(csv: Path, um_per_px: float | None, refer_below: float):
     run = {"kind": "predict", "classes": classes, "model": {},
            "scale": {"images": {}, "all": um_per_px,
                      "source": "given (--um-per-px)" if um_per_px else "unknown (images as the model saw them)"},
-           "refer_below": refer_below}
+           "refer_below": refer_below,
+           "ood": ood_summary(shifted, df["ood_score"].to_numpy(dtype=np.float64), None) if "ood_flag" in df else None}
     return run, [], rows
 
 
@@ -252,11 +257,12 @@ def build_database(source: str | os.PathLike, db_path: str | os.PathLike, *, mod
     try:
         con.execute("BEGIN IMMEDIATE")
         con.execute("INSERT INTO run (id, source, kind, fingerprint, model_name, model_file, model_sha256, classes, "
-                    "scale, refer_below, leukoscope_version, created) VALUES (1,?,?,?,?,?,?,?,?,?,?,?)",
+                    "scale, refer_below, leukoscope_version, created, ood) VALUES (1,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (str(source.resolve()), kind, run_fingerprint(source), model_name,
                      str(model_file.resolve()) if model_file is not None and model_file.exists() else
                      (str(model_file) if model_file else None), sha, json.dumps(run["classes"]),
-                     json.dumps(run["scale"]), run["refer_below"], __version__, now()))
+                     json.dumps(run["scale"]), run["refer_below"], __version__, now(),
+                     json.dumps(run["ood"]) if run.get("ood") else None))
         con.executemany("INSERT INTO fields VALUES (?,?,?,?,?,?,?)", fields)
         con.executemany("INSERT INTO cells (image, x0, y0, x1, y1, cx, cy, crop_x0, crop_y0, um_per_px, model_pred, "
                         "model_call, confidence, top3, p_blast, referred, crop) "

@@ -87,8 +87,12 @@ CREATE TABLE audit (
 CREATE INDEX audit_cell ON audit(cell_id);
 """
 
+_V2 = """
+ALTER TABLE run ADD COLUMN ood TEXT;  -- JSON: the run's shift summary (flagged, total, warning), or NULL
+"""
+
 #: One entry per schema version: the SQL that brings version ``i`` to ``i + 1``.
-MIGRATIONS: tuple[str, ...] = (_V1,)
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

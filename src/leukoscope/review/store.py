@@ -65,6 +65,7 @@ class ReviewStore:
         self.run = dict(zip(cols, row))
         self.run["classes"] = json.loads(self.run["classes"])
         self.run["scale"] = json.loads(self.run["scale"])
+        self.run["ood"] = json.loads(self.run.get("ood") or "null")  # the run's shift summary, if it had one
 
     # ------------------------------------------------------------------ opening
 

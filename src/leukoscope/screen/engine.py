@@ -9,8 +9,10 @@ runs each smear through
     (padded with the field's background, never mirrored) [-> the cell's native-resolution
     crop for people, written to ``out_dir/crops``] -> classify (temperature-calibrated) -> checkpoint
 
-and then refers low-confidence cells, and cells whose model input is mostly outside the field,
-to an ``unidentified`` group and counts. A reader thread
+and then refers low-confidence cells, cells whose model input is mostly outside the field, and
+cells that look unlike the training data (the bundle's out-of-distribution reference:
+``ood_score``/``ood_flag``, summed up per field and per run under ``ood`` in the summary), to an
+``unidentified`` group and counts. A reader thread
 decodes the next tile while one is analysed; detection looks for candidate nuclei at reduced
 resolution and runs the detector only around those whose cell the tile owns
 (:func:`leukoscope.screen.detect.detect_leukocytes_fast`; ``fast=False``: over every tile's
@@ -52,7 +54,9 @@ from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
 from leukoscope.imaging.scale_policy import FieldScale, ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json, atomic_write_text
-from leukoscope.models.inference import finite_rows
+from leukoscope.models.inference import finite_rows, forward
+from leukoscope.models.ood import (COLOUR_ON_INPUT, NO_REFERENCE_NOTE, REFERENCE_KEY, colour_basis, colour_features,
+                                   ood_summary, reference_threshold, score_cells)
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import (MAX_PADDING_FRACTION, background_colour, model_crops, model_fov_um,
                                      padding_fractions, write_native_crops)
@@ -67,6 +71,10 @@ from leukoscope.screen.tiles import Smear, Tile, open_smear, smear_from_array, t
 #: call is right; below 0.5 the call is more likely wrong than right, so counting it
 #: would add more error than information: such cells go to a person instead.
 DEFAULT_REFER_BELOW = 0.5
+#: ``refer_reason`` of cells referred for a calibrated top probability below ``refer_below``.
+REFER_LOW_CONFIDENCE = "low confidence"
+#: ``refer_reason`` of cells referred because they look unlike the training data (``ood_flag``).
+REFER_OOD = "out of distribution"
 #: Default tile (core) size in pixels for reading large scans.
 DEFAULT_TILE_SIZE = 2048
 CHECKPOINT_FORMAT = "leukoscope-screen-checkpoint/1"
@@ -130,8 +138,8 @@ def cell_columns(classes: Sequence[str]) -> list[str]:
     """Columns of ``cells.csv`` for a model with ``classes``."""
     return (["image", "x0", "y0", "x1", "y1", "pred", "confidence", "p_blast", "p_atypical"]
             + [f"prob_{c}" for c in classes]
-            + ["model_pred", "referred", "cx", "cy", "nucleus_um2", "cell_um2", "tile", "refer_reason", "pad_frac",
-               "scale_source", "crop_native"])
+            + ["model_pred", "referred", "refer_reason", "ood_score", "ood_flag", "cx", "cy", "nucleus_um2",
+               "cell_um2", "tile", "pad_frac", "scale_source", "crop_native"])
 
 
 class ScreenEngine:
@@ -143,7 +151,10 @@ class ScreenEngine:
     ``um_per_px``: the smears' scale, overriding the files' metadata (None: from the file,
     else estimated from the red cells of all smears of a folder or source, pooled, with a warning:
     :meth:`screen_scales`). ``refer_below``: cells whose calibrated
-    top probability is below it are ``unidentified``. ``fast``: detect by
+    top probability is below it are ``unidentified``; so are cells that look unlike the training
+    data (``ood_flag``, :func:`leukoscope.models.ood.score_cells`) when the bundle stores an
+    out-of-distribution reference, and cells whose model input is mostly padding (``refer_reason``:
+    ``low confidence``, ``out of distribution``, ``mostly outside the field``). ``fast``: detect by
     :func:`leukoscope.screen.detect.detect_leukocytes_fast` (candidates at reduced resolution, the
     detector run only around them and only for cells a tile owns) instead of running
     :func:`~leukoscope.screen.detect.detect_leukocytes` over every tile's whole read region; the same
@@ -340,8 +351,32 @@ class ScreenEngine:
 
     def classify(self, crops: np.ndarray) -> np.ndarray:
         """Temperature-calibrated class probabilities of model inputs (crops through the bundle's pipeline)."""
-        probs = self.bundle.predict_proba_prepared(crops, batch_size=self.batch_size, calibrated=True)
-        return np.asarray(probs, dtype=np.float64)
+        return self.classify_cells(crops)[0]
+
+    def classify_cells(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`classify` and, when the bundle stores an out-of-distribution reference, each crop's
+        OOD score (:func:`leukoscope.models.ood.score_cells`: penultimate features and crop colour), else ``None``."""
+        if not (self.meta.get(REFERENCE_KEY) and hasattr(self.bundle, "model")):
+            probs = self.bundle.predict_proba_prepared(crops, batch_size=self.batch_size, calibrated=True)
+            return np.asarray(probs, dtype=np.float64), None
+        out = forward(self.bundle, crops, batch_size=self.batch_size, features=True,
+                      backend=getattr(self.bundle, "backend", "auto"))
+        colour = None  # a reference whose colour was measured on whole images cannot judge crops: features only
+        if colour_basis(self.meta[REFERENCE_KEY]) == COLOUR_ON_INPUT:
+            colour = np.asarray([colour_features(c) for c in crops]).reshape(len(crops), 6)
+        return (np.asarray(out.probabilities(self.bundle.temperature), dtype=np.float64),
+                score_cells(self.bundle, out.features, colour).score)
+
+    def ood_summary(self, cells: pd.DataFrame) -> dict:
+        """``{flagged, total, fraction, median_score, threshold, warning}`` of some cells
+        (:func:`leukoscope.models.ood.ood_summary`), or a ``note`` when the bundle has no reference."""
+        ref = self.meta.get(REFERENCE_KEY)
+        if not ref or not hasattr(self.bundle, "model"):
+            return {"note": NO_REFERENCE_NOTE, "warning": None}
+        scored = cells[cells["ood_score"].notna()] if "ood_score" in cells else cells.iloc[:0]
+        thr = reference_threshold(ref, str(getattr(self.bundle, "path", None) or "the bundle"))
+        return ood_summary(scored["ood_flag"].to_numpy(dtype=bool), scored["ood_score"].to_numpy(dtype=np.float64),
+                           thr)
 
     def _finish_image(self, st: "_ImageState") -> ImageResult:
         res = st.res
@@ -376,9 +411,13 @@ class ScreenEngine:
             if r.status == "ok":
                 sub = cells[cells.image == r.image]
                 entry.update(count_summary(sub.pred.tolist(), sub.p_blast.to_numpy(), self.classes))
+                entry["ood"] = self.ood_summary(sub)
+                if entry["ood"].get("warning"):
+                    entry["warnings"] = [*entry["warnings"], entry["ood"]["warning"]]
             per_image.append(entry)
         ok = [r for r in results if r.status == "ok"]
         overall = count_summary(cells.pred.tolist(), cells.p_blast.to_numpy(), self.classes)
+        overall["ood"] = self.ood_summary(cells)
         overall.update({"images": len(results), "images_ok": len(ok), "images_failed": len(results) - len(ok),
                         "cells_nonfinite": int(cells["confidence"].isna().sum())})  # referred: no call
         summary = {
@@ -390,6 +429,7 @@ class ScreenEngine:
             "settings": {"refer_below": self.refer_below, "tile_size": self.tile_size,
                          "um_per_px_override": self.um_per_px, "detector": self.params.to_dict()},
             "overall": overall,
+            "ood": overall["ood"],
             "images": per_image,
             "errors": [{"image": r.image, "error": r.error} for r in results if r.status != "ok"],
         }
@@ -409,11 +449,18 @@ class ScreenEngine:
         cells["model_pred"] = [self.classes[i] if f else UNIDENTIFIED for i, f in zip(top, finite)]
         cells["confidence"] = conf
         outside = cells["pad_frac"].to_numpy(dtype=np.float64) > MAX_PADDING_FRACTION
+        # NaN/inf probabilities are no call (referred as low confidence, confidence NaN)
         low = ~finite | (conf < self.refer_below)
-        # a model input that is mostly padding is not a cell the model can judge: referred whatever it says;
-        # NaN/inf probabilities are no call either (referred as low confidence, confidence NaN)
-        cells["refer_reason"] = np.where(outside, REFER_OUTSIDE, np.where(low, REFER_LOW_CONFIDENCE, ""))
-        cells["referred"] = outside | low
+        if "ood_score" in cells and cells["ood_score"].notna().any():
+            cells["ood_flag"] = (cells["ood_score"] > 1.0).to_numpy()
+        else:
+            cells["ood_score"], cells["ood_flag"] = np.nan, pd.array([pd.NA] * len(cells), dtype="boolean")
+        shifted = cells["ood_flag"].fillna(False).to_numpy(dtype=bool)
+        # a model input that is mostly padding is not a cell the model can judge: referred whatever it says
+        cells["referred"] = low | shifted | outside
+        cells["refer_reason"] = [";".join(r for r, on in ((REFER_OUTSIDE, out), (REFER_LOW_CONFIDENCE, lo),
+                                                          (REFER_OOD, sh)) if on)
+                                 for out, lo, sh in zip(outside, low, shifted)]
         cells["pred"] = np.where(cells["referred"], UNIDENTIFIED, cells["model_pred"])
         cells["p_blast"] = taxonomy.binary_scores(probs, self.classes, "blast")
         cells["p_atypical"] = taxonomy.binary_scores(probs, self.classes, "atypical")
@@ -462,7 +509,7 @@ class _ClassifyQueue:
             return
         items, self.items, self.n = self.items, [], 0
         try:
-            probs = self.engine.classify(np.concatenate([c for _, _, _, c in items]))
+            probs, ood = self.engine.classify_cells(np.concatenate([c for _, _, _, c in items]))
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -477,6 +524,8 @@ class _ClassifyQueue:
             i += len(crops)
             for k, c in enumerate(self.engine.classes):
                 df[f"prob_{c}"] = p[:, k]
+            if ood is not None:
+                df["ood_score"] = ood[i - len(crops):i]
             if st.res.status == "ok":
                 st.tile_done(index, df)
 

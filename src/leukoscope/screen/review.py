@@ -26,6 +26,7 @@ from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.evaluate.saliency import saliency_map
 from leukoscope.io import atomic_write_text
 from leukoscope.models.inference import forward
+from leukoscope.models.ood import SHIFT_BANNER
 from leukoscope.screen.crops import background_colour, crop_size_px, model_crops, model_fov_um
 from leukoscope.screen.tiles import open_smear
 
@@ -156,7 +157,17 @@ def review_context(result, bundle=None, max_cells: int = MAX_CELLS, max_saliency
         "model": summary["model"],
         "cards": cards,
         "notes": notes,
+        "ood": summary.get("ood") or {},
+        "shift": shift_banner(summary),
     }
+
+
+def shift_banner(summary: dict) -> dict | None:
+    """The review page's shift warning of a screen summary (``summary["ood"]["warning"]``), or ``None``."""
+    ood = summary.get("ood") or {}
+    if not ood.get("warning"):
+        return None
+    return {"banner": SHIFT_BANNER, "flagged": ood.get("flagged"), "total": ood.get("total")}
 
 
 def pct(x, nd: int = 1) -> str:
