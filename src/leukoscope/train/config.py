@@ -254,8 +254,8 @@ class TrainConfig:
         if self.input_size is not None:
             need("input_size", lambda v: v >= MIN_INPUT_SIZE, f"a whole number of at least {MIN_INPUT_SIZE} pixels",
                  True)
-        if self.um_per_px is not None:
-            need("um_per_px", lambda v: v > 0, "a positive number (µm per pixel of the model input)")
+        if self.um_per_px is not None:  # the one validator for every µm/px (it states the plausible range)
+            check_um_per_px(self.um_per_px, "um_per_px of the model input (--um-per-px)")
         need("lr", lambda v: v > 0, "positive")
         need("weight_decay", lambda v: v >= 0, "0 or more")
         need("warmup_epochs", lambda v: v >= 0, "0 or more")
@@ -280,7 +280,7 @@ class TrainConfig:
         c.input_size = mc.input_size
         if c.um_per_px is None:
             c.um_per_px = mc.um_per_px
-        else:  # a stated scale: the one validator, as for every other µm/px
+        else:  # a stated scale, checked by :meth:`check`: the number the validator returns
             c.um_per_px = check_um_per_px(c.um_per_px, "um_per_px of the model input (--um-per-px)")
         if c.scale not in SCALE_MODES:
             raise ValueError(f"scale must be one of {', '.join(SCALE_MODES)}, got {c.scale!r}")
