@@ -18,12 +18,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from leukoscope.data.readers import iter_image_paths
 from leukoscope.evaluate.predictions import predictions_table
 from leukoscope.imaging.scale_policy import ScalePolicy
 from leukoscope.models.inference import prepare_many
+from leukoscope.progress import tqdm
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
+import pandas as pd
+
+from leukoscope.cli._common import (EXIT_FAILED, add_device, add_progress, add_strict, check_model_path, check_out_dir,
+                                    partial_exit, positive_int, progress_on)
 from leukoscope.data.readers import iter_image_paths
+from leukoscope.io import atomic_write_csv
 from leukoscope.models.bundle import load_bundle
 from leukoscope.screen.detect import check_um_per_px
 from leukoscope.screen.engine import DEFAULT_REFER_BELOW, DEFAULT_TILE_SIZE, ScreenEngine, ScreenWarning
@@ -19,7 +25,9 @@ DESCRIPTION = (
     "with 95% CIs, flags, the µm/px used and where it came from) and DIR/review.html (a self-contained gallery "
     "sorted by P(blast)). Cells whose calibrated confidence is below --refer-below are counted as "
     "'unidentified' for review. Finished tiles are checkpointed in DIR/checkpoint: an interrupted screen "
-    "resumes where it stopped. Not for diagnostic use."
+    "resumes where it stopped. Images that cannot be screened are listed in DIR/errors.csv; the others' results "
+    "are written and the exit code stays 0 (1 with --strict, or when no image could be screened). "
+    "Not for diagnostic use."
 )
 
 
@@ -32,23 +40,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else estimated from red cells with a warning)")
     p.add_argument("--refer-below", type=float, default=DEFAULT_REFER_BELOW, metavar="P",
                    help=f"refer cells whose calibrated top probability is below P (default {DEFAULT_REFER_BELOW})")
-    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, metavar="N",
+    p.add_argument("--tile-size", type=positive_int, default=DEFAULT_TILE_SIZE, metavar="N",
                    help=f"tile size in pixels for large scans (default {DEFAULT_TILE_SIZE})")
-    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="cells per forward pass (default 64)")
     p.add_argument("--no-review", action="store_true", help="do not write review.html")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device(p)
+    add_strict(p)
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.um_per_px is not None:
         check_um_per_px(args.um_per_px, "--um-per-px")
-    bundle = load_bundle(args.model)
+    check_out_dir(args.out)
+    check_model_path(args.model)
+    bundle = load_bundle(args.model, device=args.device)
     engine = ScreenEngine(bundle, refer_below=args.refer_below, tile_size=args.tile_size, um_per_px=args.um_per_px,
-                          batch_size=args.batch_size, progress=not args.quiet)
+                          batch_size=args.batch_size, progress=progress_on(args))
     smears = [str(p) for p in iter_image_paths(args.smears, keep_empty_dirs=True)]  # empty folder: reported
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScreenWarning)  # the same notes are printed per image below
         result = engine.screen(smears, out_dir=args.out)
+    failed = [im for im in result.summary["images"] if im["status"] != "ok"]
+    err_file = Path(args.out) / "errors.csv"
+    if failed:
+        atomic_write_csv(pd.DataFrame({"image": [im["image"] for im in failed],
+                                       "error": [im["error"] for im in failed]}), err_file)
+    elif err_file.exists():
+        err_file.unlink()  # a stale list from an earlier run into the same folder
+    if failed and args.strict:
+        for im in failed:
+            print(f"error: {im['error']}", file=sys.stderr)
+        return partial_exit(args, len(failed), len(result.summary["images"]), err_file)  # nothing claimed
     paths = result.write(args.out, bundle=bundle, review=not args.no_review)
     for im in result.summary["images"]:
         if im["status"] != "ok":
@@ -68,5 +91,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"review, correct and sign off the calls in the browser: leukoscope review {args.out}")
     if ov["images_ok"] == 0:
         print("error: no image could be screened", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return partial_exit(args, len(failed), len(result.summary["images"]), err_file)

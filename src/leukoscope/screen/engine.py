@@ -36,12 +36,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
+from leukoscope.evaluate.predictions import write_table
 from leukoscope.io import atomic_write_csv, atomic_write_json
+from leukoscope.progress import tqdm
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import model_crops, model_fov_um
 from leukoscope.screen.detect import (DETECTION_COLUMNS, DetectParams, StainCalibration, box_iou, calibrate,
@@ -99,7 +100,7 @@ class ScreenResult:
         """Write ``cells.csv``, ``summary.json`` and (with the bundle) ``review.html`` atomically."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"cells": atomic_write_csv(self.cells, out / "cells.csv"),
+        paths = {"cells": write_table(self.cells, out / "cells.csv"),
                  "summary": atomic_write_json(self.summary, out / "summary.json")}
         if review:
             paths["review"] = write_review(self, out / "review.html", bundle=bundle, **review_kwargs)
