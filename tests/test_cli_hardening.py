@@ -333,3 +333,17 @@ def test_a_two_epoch_toy_train_logged_to_a_file_has_no_carriage_returns(cells_ro
     assert rc == 0, text[-2000:]
     assert "\r" not in text
     assert "epoch 1/2" in text  # progress is there, as plain lines
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
+    """ENOSPC raised inside a write (no file name on the error) still names the output file."""
+    from leukoscope import io as io_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    with pytest.raises(OSError) as exc:
+        io_mod.atomic_write_csv(pd.DataFrame({"a": [1]}), tmp_path / "x.csv")
+    assert exc.value.filename == str(tmp_path / "x.csv") and exc.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())  # no temporary file left behind
