@@ -347,3 +347,15 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch, capsys):
         io_mod.atomic_write_csv(pd.DataFrame({"a": [1]}), tmp_path / "x.csv")
     assert exc.value.filename == str(tmp_path / "x.csv") and exc.value.errno == errno.ENOSPC
     assert not list(tmp_path.iterdir())  # no temporary file left behind
+
+
+def test_an_os_error_without_errno_is_an_input_error(monkeypatch, capsys, tmp_path):
+    """PIL's 'cannot identify image file' is an OSError without errno: a bad input (2), not the file system (4)."""
+    import leukoscope.cli.split as split_cmd
+
+    def fail(*a, **k):
+        raise OSError(f"cannot identify image file '{tmp_path / 'x.tif'}'")
+
+    monkeypatch.setattr(split_cmd, "read_dataset", fail)
+    assert main(["split", str(tmp_path), "--out", str(tmp_path / "s.csv")]) == EXIT_USAGE
+    assert "cannot identify image file" in capsys.readouterr().err

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"leukoscope {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
-        return EXIT_IO
+        return EXIT_IO if exc.errno is not None else EXIT_USAGE  # no errno: a bad input (e.g. PIL's)
     except Exception as exc:  # a bug: one line, the traceback on request
         if debug:
             raise
