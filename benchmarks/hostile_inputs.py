@@ -21,6 +21,7 @@ import signal
 import struct
 import sys
 import tempfile
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -650,6 +651,13 @@ def _cell(s: str, limit: int = 160) -> str:
 
 def write_markdown(rows: list[Row], path: Path, seconds: float) -> None:
     n_tb = sum(r.traceback == "yes" for r in rows)
+    n_internal = sum(r.traceback == "internal" for r in rows)
+    n_raised = sum(r.traceback == "raised" for r in rows)
+    try:
+        where = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h (%D)"], capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        where = "unknown"
     lines = [
         "# Hostile inputs: what each command does with them",
         "",
@@ -661,7 +669,8 @@ def write_markdown(rows: list[Row], path: Path, seconds: float) -> None:
         "*traceback*: yes when a Python traceback was printed (for a library call, `python -c`: *raised* when",
         "it raised an exception, its way to refuse; the message is the exception's line).",
         "",
-        f"{len(rows)} inputs, {n_tb} with a traceback; sweep time {seconds:.0f} s.",
+        f"{len(rows)} inputs: {n_tb} with a traceback, {n_internal} internal error(s) (one line; `--debug` shows "
+        f"the traceback), {n_raised} library call(s) that raised; sweep time {seconds:.0f} s, at commit {where}.",
         "",
         "| # | item | input | command | exit | traceback | first line of the message |",
         "|---:|---|---|---|---:|---|---|",
