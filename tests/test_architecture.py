@@ -27,7 +27,7 @@ PACKAGE_DIR = REPO / "src" / "leukoscope"
 #: module prefix -> layer; a module takes the layer of its longest matching prefix. Lower layers never
 #: import higher ones. "leukoscope" itself is the package's __init__ only.
 LAYERS = {
-    "leukoscope": 0, "leukoscope.taxonomy": 0, "leukoscope.io": 0,
+    "leukoscope": 0, "leukoscope.taxonomy": 0, "leukoscope.io": 0, "leukoscope.progress": 0,
     "leukoscope.imaging": 1, "leukoscope.data": 1, "leukoscope.synth": 1,
     "leukoscope.models": 2,
     "leukoscope.evaluate": 3,

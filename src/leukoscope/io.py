@@ -119,7 +119,9 @@ def atomic_path(path: str | os.PathLike, durable: bool = True):
     made again, such as the thousands of images of a synthetic dataset; the rename stays atomic.
 
     The first call of a process for a folder removes stale temporary files of interrupted writes
-    (:func:`remove_stale_temp_files`)."""
+    (:func:`remove_stale_temp_files`).
+
+    An :class:`OSError` without a file name (a full disk inside ``write``) is raised again naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = os.fspath(path.parent)
@@ -136,6 +138,10 @@ def atomic_path(path: str | os.PathLike, durable: bool = True):
         os.replace(tmp, path)
         if durable:
             _fsync_dir(folder)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:  # e.g. disk full inside write(): name the file
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

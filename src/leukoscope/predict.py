@@ -21,7 +21,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from leukoscope.data.readers import as_path_list, iter_image_paths
 from leukoscope.evaluate.predictions import predictions_table
@@ -29,6 +28,7 @@ from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.models.inference import forward, nonfinite_errors
 from leukoscope.models.ood import (NO_REFERENCE_NOTE, CellScores, colour_basis, ood_summary, prepare_images,
                                    score_cells)
+from leukoscope.progress import tqdm
 
 PREDICT_COLUMNS = ["path", "pred", "p_blast", "p_atypical"]
 #: Last columns of a prediction table when the bundle stores an OOD reference: per-image score (1.0 = the threshold)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import tempfile
 from dataclasses import fields
+from pathlib import Path
 
 from leukoscope.imaging.scale_policy import check_um_per_px
+from leukoscope import progress as _progress
 from leukoscope.io import _json_default, atomic_write_json
 from leukoscope.train.config import FLAT, GROUPS, TrainConfig, setting_field
 
@@ -16,6 +21,138 @@ _GROUP_TITLES = {"arch": "model", "optim": "schedule (epochs, batches, learning 
                  "augment": "augmentation (training only)", "scaling": "scale and colour of the input",
                  "runtime": "runtime (free to change when resuming)",
                  "finetune": "fine-tuning (starting from a trained model; all off by default)"}
+
+
+#: Exit codes (docs/CONTRACTS.md, "Exit codes"). Partial success (some inputs failed, the others' results
+#: written) exits 0 with the line "N of M inputs failed; see FILE" on stderr; ``--strict`` makes it a failure.
+EXIT_OK = 0
+#: The command failed: nothing usable was written, or ``--strict`` and an input failed.
+EXIT_FAILED = 1
+#: A usage or input error: a one-line message naming the file or option, no traceback.
+EXIT_USAGE = 2
+#: The file system refused: permission denied, disk full, a file where a folder was expected, ...
+EXIT_IO = 4
+#: An unexpected internal error (a bug): one line, the traceback with ``--debug``.
+EXIT_INTERNAL = 70
+
+
+def positive_int(v: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
+def nonneg_int(v: str) -> int:
+    """argparse type: an integer of 0 or more."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    """``--progress {auto,bar,plain,none}`` and its deprecated aliases ``--no-progress`` / ``--quiet``."""
+    p.add_argument("--progress", choices=_progress.MODES, default=None,
+                   help="progress display: auto (default: a bar on a terminal, plain lines every 10%% or 30 s "
+                        "otherwise), bar, plain or none")
+    p.add_argument("--no-progress", "--quiet", dest="progress", action="store_const", const="none",
+                   help="deprecated: same as --progress none")
+
+
+def progress_on(args: argparse.Namespace) -> bool:
+    """Apply ``--progress`` process-wide (:func:`leukoscope.progress.set_mode`); whether to show any."""
+    mode = getattr(args, "progress", None) or "auto"
+    _progress.set_mode(mode)
+    return mode != "none"
+
+
+def add_device(p: argparse.ArgumentParser, default: str | None = "cpu") -> None:
+    """``--device`` of a command that runs a model."""
+    p.add_argument("--device", default=default, metavar="DEVICE",
+                   help=f"where the model runs: cpu, cuda, cuda:1 (default: {default or 'auto'})")
+
+
+def add_strict(p: argparse.ArgumentParser) -> None:
+    """``--strict``: any failed input fails the command (exit 1) instead of a partial result (exit 0)."""
+    p.add_argument("--strict", action="store_true",
+                   help=f"any input that fails fails the command (exit {EXIT_FAILED}, nothing claimed); without it "
+                        "the other inputs' results are written, a line says how many failed, and the exit code is 0")
+
+
+def partial_exit(args: argparse.Namespace, n_failed: int, n_total: int, errors_file: str | os.PathLike | None) -> int:
+    """The exit code of the partial-success policy, printing its summary line on stderr when inputs failed."""
+    if not n_failed:
+        return EXIT_OK
+    where = f"; see {errors_file}" if errors_file else ""
+    if getattr(args, "strict", False):
+        print(f"error: {n_failed} of {n_total} inputs failed{where} (--strict: the run counts as failed)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{n_failed} of {n_total} inputs failed{where}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _writable_dir(d: Path, what: str) -> None:
+    """Raise a one-line error unless folder ``d`` (or its nearest existing parent) takes new files."""
+    probe = d
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ValueError(f"{what} {d}: {probe} is a broken symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what} {d}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".leukoscope-write-check.", dir=probe)
+    except OSError as exc:
+        raise ValueError(f"{what} {d}: cannot write in {probe} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_out_file(path: str | os.PathLike | None, what: str = "--out") -> None:
+    """Check, before any work, that output file ``path`` can be written: not a folder, its folder writable."""
+    if not path:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path}: is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path}: {os.strerror(errno.EACCES).lower()}")
+    _writable_dir(path.parent if str(path.parent) else Path("."), what)
+
+
+def check_out_dir(path: str | os.PathLike | None, what: str = "--out") -> None:
+    """Check, before any work, that output folder ``path`` is a folder (or can be made) and takes new files."""
+    if not path:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path}: is a file, not a folder")
+    _writable_dir(path, what)
+
+
+def check_model_path(path: str | os.PathLike) -> None:
+    """A clear error for a ``cv`` run folder given where one model is expected.
+
+    A cross-validation run holds one model per fold (``RUN/fold{K}/model.safetensors``), each trained
+    without its test fold; none is "the" model to deploy, which ``leukoscope train DATA --out RUN``
+    (no ``--split``/``--fold``) trains on all the data."""
+    p = Path(path)
+    if p.is_dir() and not (p / "model.safetensors").exists():
+        folds = sorted(p.glob("fold*/model.safetensors"))
+        if folds:
+            raise ValueError(
+                f"{p} is a cross-validation run with {len(folds)} fold models, not one model: pass one fold's "
+                f"model (e.g. {folds[0]}), or train the model to deploy on all the data with "
+                f"'leukoscope train DATA --out RUN' (no --split/--fold) and pass RUN/model.safetensors")
 
 
 def add_label_map(p: argparse.ArgumentParser) -> None:
@@ -53,6 +190,10 @@ def _value(v) -> str:
     return "none" if v is None else ("on" if v is True else "off" if v is False else str(v))
 
 
+#: Integer settings whose option refuses 0 and negative numbers at parse time.
+POSITIVE_INT_SETTINGS = frozenset({"batch_size", "per_class"})
+
+
 def config_option_names() -> list[str]:
     """Destinations of the options :func:`add_config_options` adds: every flat setting with ``cli`` (not off), and ``seed``."""
     return [n for n in FLAT if setting_field(n).metadata.get("cli", True)] + ["seed"]
@@ -83,6 +224,8 @@ def add_config_options(p: argparse.ArgumentParser, presets: dict[str, dict] | No
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            if name in POSITIVE_INT_SETTINGS:
+                kw["type"] = positive_int
             for key in ("metavar", "choices"):
                 if key in md:
                     kw[key] = md[key]

@@ -6,7 +6,7 @@ import argparse
 
 import pandas as pd
 
-from leukoscope.cli._common import add_label_map, um_per_px_arg
+from leukoscope.cli._common import add_device, add_label_map, add_progress, check_out_dir, progress_on, um_per_px_arg
 from leukoscope.data import read_dataset
 from leukoscope.data.readers import iter_image_paths
 from leukoscope.train.adapt import ADAPT_DEFAULTS, REPLAY_PER_CLASS, adapt
@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: the data's, else the parent's scale mode, e.g. estimated from the red cells)")
     p.add_argument("--seed", type=int, default=0, help="random seed (K draw, replay sample, validation split)")
     p.add_argument("--threads", help="CPU threads: auto or a number")
-    p.add_argument("--device", help="cpu, cuda (default: auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device(p, default=None)
+    add_progress(p)
     add_label_map(p)
 
 
@@ -70,6 +70,7 @@ def _table(path: str, label_map, unlabelled: bool) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
     lab = _table(args.lab_data, args.label_map, args.unlabelled)
     replay = read_dataset(args.replay, label_map=args.label_map).table if args.replay else None
     if args.unlabelled and (replay is not None or args.k is not None):
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     res = adapt(args.model, lab, args.out, replay_table=replay, replay_per_class=args.replay_per_class,
                 k_per_class=args.k, seed=args.seed, epochs=args.epochs, per_class=args.per_class, lr=args.lr,
                 unlabelled=args.unlabelled, um_per_px=args.um_per_px, overrides=overrides,
-                progress=not args.no_progress)
+                progress=progress_on(args))
     lin = res.lineage
     if lin["mode"] == "labelled":
         print(f"{res.bundle_path}: {len(res.meta['classes'])} classes ({', '.join(res.meta['classes'])}); lab cells "

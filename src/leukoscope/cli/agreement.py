@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from leukoscope.cli._common import add_json_out, fmt, write_json
+from leukoscope.cli._common import add_json_out, check_out_file, fmt, write_json
 from leukoscope.evaluate.agreement import agreement_from_annotations, confusion_frame
 
 NAME = "agreement"
@@ -23,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_file(args.json, "--json")
+    path = Path(args.annotations)
+    if path.is_dir():
+        hint = f"; did you mean {path / 'annotations.dat'}?" if (path / "annotations.dat").is_file() else ""
+        raise ValueError(f"{path}: is a folder; give the annotations.dat file (path gold reannotation1 "
+                         f"reannotation2){hint}")
     res = agreement_from_annotations(args.annotations)
     print(f"{'examiner':<14} {'n':>5} {'UNC':>4} {'kappa':>6} {'kappa(UNC=err)':>14} "
           f"{'blast sens':>10} {'blast spec':>10} {'atyp sens':>9} {'atyp spec':>9}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from leukoscope.cli._common import positive_int, progress_on
 from leukoscope.cli.train import add_train_options, config_and_data
 from leukoscope.train.cv import cross_validate
 
@@ -21,7 +22,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_train_options(p)
-    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--folds", type=positive_int, default=5, help="number of folds (default 5)")
     p.add_argument("--split", metavar="CSV", help="use this split file instead of making one")
     p.add_argument("--out", metavar="RUN", help="output folder (required)")
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg, ds = parsed
     t0 = time.time()
-    res = cross_validate(ds, args.out, cfg, folds=args.folds, split=args.split, progress=not args.no_progress)
+    res = cross_validate(ds, args.out, cfg, folds=args.folds, split=args.split, progress=progress_on(args))
     s = res.summary
     print(f"{args.out}: out-of-fold balanced accuracy {s['balanced_accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, "
           f"accuracy {s['accuracy']:.4f} over {s['n']} images ({time.time() - t0:.0f}s)")

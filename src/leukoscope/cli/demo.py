@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from leukoscope.cli._common import add_progress, check_out_dir, positive_int, progress_on
 from leukoscope.demo import DEMO_DEFAULTS, SYNTHETIC_WARNING, run_demo
 
 NAME = "demo"
@@ -18,24 +19,25 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = DEMO_DEFAULTS
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--per-class", type=int, default=d["per_class"],
+    p.add_argument("--per-class", type=positive_int, default=d["per_class"],
                    help=f"synthetic cells generated per class (default {d['per_class']})")
-    p.add_argument("--folds", type=int, default=d["folds"], help=f"cross-validation folds (default {d['folds']})")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help=f"epochs per fold (default {d['epochs']})")
-    p.add_argument("--train-per-class", type=int, default=d["train_per_class"],
+    p.add_argument("--folds", type=positive_int, default=d["folds"], help=f"cross-validation folds (default {d['folds']})")
+    p.add_argument("--epochs", type=positive_int, default=d["epochs"], help=f"epochs per fold (default {d['epochs']})")
+    p.add_argument("--train-per-class", type=positive_int, default=d["train_per_class"],
                    help=f"balanced training images drawn per class per epoch (default {d['train_per_class']})")
-    p.add_argument("--input-size", type=int, default=d["input_size"],
+    p.add_argument("--input-size", type=positive_int, default=d["input_size"],
                    help=f"model input size in px (default {d['input_size']})")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default 0)")
     p.add_argument("--no-screen", action="store_true", help="skip the smear-screening step")
     p.add_argument("--no-adapt", action="store_true", help="skip adapting the model to a second synthetic lab")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
     res = run_demo(args.out, per_class=args.per_class, folds=args.folds, epochs=args.epochs,
                    train_per_class=args.train_per_class, input_size=args.input_size, seed=args.seed,
-                   screen=not args.no_screen, adapt_lab=not args.no_adapt, progress=not args.quiet)
+                   screen=not args.no_screen, adapt_lab=not args.no_adapt, progress=progress_on(args))
     bar = "=" * 78
     print(bar)
     print(f"LeukoScope demo finished in {res['seconds']['total']:.0f} s.")

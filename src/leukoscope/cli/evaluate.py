@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from leukoscope.cli._common import add_label_map, fmt, um_per_px_arg
+import pandas as pd
+
+from leukoscope.cli._common import (add_device, add_label_map, add_progress, add_strict, check_model_path, check_out_dir,
+                                    fmt, nonneg_int, partial_exit, progress_on, um_per_px_arg)
 from leukoscope.data import fold_tables, read_dataset
 from leukoscope.evaluate.external import evaluate_sets, write_outputs
+from leukoscope.io import atomic_write_csv
 from leukoscope.models.bundle import load_bundle, read_meta
 from leukoscope.models.ood import fit_reference, store_reference
 
@@ -25,7 +30,9 @@ DESCRIPTION = (
     "a source that looks shifted. --fit-reference DATA (e.g. a held-out split of the training lab) replaces "
     "the stored reference, or adds one to a bundle that has none.\n\n"
     "example: leukoscope evaluate runs/pbc/model.safetensors ../shared/data/external_wbc --group-by folder "
-    "--out runs/pbc/external"
+    "--out runs/pbc/external\n\n"
+    "Exit code: 0, also when some images could not be read (listed in DIR/errors.csv, a line says how many); "
+    "1 with --strict when any could not be; 2 for a usage or input error."
 )
 
 
@@ -52,21 +59,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: mean probability over the 8 rotations by 90° and mirror images "
                         "of each cell (8x the compute; the OOD check uses the plain view)")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (0: none)")
+    p.add_argument("--bootstrap", type=nonneg_int, default=1000, metavar="N", help="bootstrap resamples (0: none)")
     add_label_map(p)
+    add_device(p)
+    add_strict(p)
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if (args.split is None) != (args.fold is None):
         raise ValueError("--split and --fold go together: evaluate the rows of DATA in fold K")
+    check_out_dir(args.out)
+    check_model_path(args.model)
     if args.fit_reference:
-        bundle = load_bundle(args.model)
+        bundle = load_bundle(args.model, device=args.device)
         ref_table = read_dataset(args.fit_reference, label_map=args.label_map).table
         ref = fit_reference(bundle, ref_table, um_per_px=args.um_per_px)
         path = store_reference(bundle.path, ref)
         print(f"stored the in-distribution reference ({ref['n']} cells, accuracy {ref['accuracy']:.3f}) in {path}")
     read_meta(args.model)  # a clear error for a file that is not a bundle
-    bundle = load_bundle(args.model)
+    bundle = load_bundle(args.model, device=args.device)
     tables = []
     for d in args.data:
         ds = read_dataset(d, label_map=args.label_map)
@@ -79,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         tables.append(t)
     res = evaluate_sets(bundle, tables, group_by=args.group_by, um_per_px=args.um_per_px,
                         estimate_scale=args.estimate_scale, stain_normalize=args.stain_normalize,
-                        n_boot=args.bootstrap, tta=args.tta)
+                        n_boot=args.bootstrap, tta=args.tta, progress=progress_on(args))
     print(f"{'source':<18}{'n':>5}{'other':>7}  {'µm/px':>7}  {'accuracy':>9}  {'bal.acc':>8}  {'macro-F1':>8}  {'conf':>5}")
     for g, e in res.per_source.items():
         um = (res.scale.get(g) or {}).get("um_per_px_median") if isinstance(res.scale.get(g), dict) else None
@@ -93,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
         print(w if w.startswith("WARNING") else f"warning: {w}")
     for e in res.errors[:5]:
         print(f"skipped {e['path']}: {e['reason']}")
-    if args.out:
+    n_total = sum(len(t) for t in tables)
+    err_file = Path(args.out) / "errors.csv" if args.out else None
+    if err_file is not None and res.errors:
+        atomic_write_csv(pd.DataFrame(res.errors), err_file)
+    if args.out and not (res.errors and args.strict):  # --strict and a failed image: nothing claimed
         files = write_outputs(res, args.out)
         print(f"wrote {', '.join(str(p) for p in files.values())}")
-    return 0
+    return partial_exit(args, len(res.errors), n_total, err_file)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from leukoscope.cli._common import fmt
+from leukoscope.cli._common import add_device, add_progress, check_out_dir, fmt, nonneg_int, progress_on
 from leukoscope.report.build import make_report
 
 NAME = "report"
@@ -17,7 +17,8 @@ DESCRIPTION = (
     "and roc_blast.png / roc_atypical.png (the blast and atypical questions), reliability.png, saliency maps "
     "from the fold models (RUN/fold{K}/model.safetensors) in DIR/saliency/, metrics.json with every number, "
     "and report.html, one self-contained page. With --annotations, the examiners' re-annotations are drawn "
-    "on the ROC plots and compared with the model on the images both saw."
+    "on the ROC plots and compared with the model on the images both saw. A predictions.csv whose row count "
+    "differs from the run's cv_summary.json, or with images not in its split.csv, is refused (truncated or edited)."
 )
 
 
@@ -25,19 +26,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run folder holding predictions.csv (and config.json, fold*/model.safetensors)")
     p.add_argument("--annotations", metavar="FILE", help="LMU annotations.dat with the examiners' re-annotations")
     p.add_argument("--out", metavar="DIR", help="output folder (default RUN/report)")
-    p.add_argument("--saliency-per-class", type=int, default=2, metavar="N",
+    p.add_argument("--saliency-per-class", type=nonneg_int, default=2, metavar="N",
                    help="saliency maps per class, right and wrong predictions both (default 2; 0 skips)")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    p.add_argument("--bootstrap", type=nonneg_int, default=1000, metavar="N",
                    help="bootstrap resamples for the confidence intervals (default 1000; 0 skips)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of the saliency choice (default 0)")
+    add_device(p)
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.saliency_per_class < 0 or args.bootstrap < 0:
         raise ValueError("--saliency-per-class and --bootstrap must be 0 or more")
     out = Path(args.out) if args.out else Path(args.run) / "report"
+    check_out_dir(out)
     m = make_report(args.run, out, annotations=args.annotations, saliency_per_class=args.saliency_per_class,
-                    n_boot=args.bootstrap, seed=args.seed)
+                    n_boot=args.bootstrap, seed=args.seed, device=args.device,
+                    progress=progress_on(args))
     o = m["overall"]
 
     def with_ci(d):

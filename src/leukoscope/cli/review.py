@@ -7,7 +7,7 @@ import socket
 import sys
 import threading
 
-from leukoscope.cli._common import um_per_px_arg
+from leukoscope.cli._common import check_out_dir, um_per_px_arg
 from leukoscope.review import ReviewStore, export_differential, export_labels
 from leukoscope.review.app import create_app, make_token, serve
 from leukoscope.review.model_views import ModelViews
@@ -55,6 +55,7 @@ def _export(args, action: str) -> int:
 
     if len(args.target) != 2 or not args.out:
         raise ValueError(f"usage: leukoscope review {action} DB --out DIR")
+    check_out_dir(args.out)
     with ReviewStore(args.target[1]) as store:
         if action == "export":
             paths = export_differential(store, args.out, args.round)

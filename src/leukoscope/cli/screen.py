@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
+import pandas as pd
+
+from leukoscope.cli._common import (EXIT_FAILED, add_device, add_progress, add_strict, check_model_path, check_out_dir,
+                                    partial_exit, positive_int, progress_on, um_per_px_arg)
 from leukoscope.data.readers import iter_image_paths
+from leukoscope.io import atomic_write_csv
 from leukoscope.models.bundle import load_bundle
 from leukoscope.screen.batch import screen_batch
 from leukoscope.screen.detect import check_um_per_px
@@ -24,7 +30,9 @@ DESCRIPTION = (
     "resumes where it stopped. With --per-scan, every file is a scan of its own: DIR/<scan>/ holds its "
     "cells.csv, summary.json, review.html and crops, and DIR/index.csv and DIR/index.json list each scan's status "
     "(ok, resumed, failed), cells, blast percentage and folder; run again, the batch skips finished scans "
-    "and resumes the interrupted one at its tile. Not for diagnostic use."
+    "and resumes the interrupted one at its tile. Images that cannot be screened are listed in DIR/errors.csv (with "
+    "--per-scan: in the index); the others' results are written and the exit code stays 0 (1 with --strict, or "
+    "when no image could be screened). Not for diagnostic use."
 )
 
 
@@ -32,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model bundle (model.safetensors written by 'leukoscope train')")
     p.add_argument("smears", nargs="+", metavar="SMEAR", help="smear images (JPEG/PNG/TIFF) or folders of them")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--um-per-px", type=float, metavar="X",
+    p.add_argument("--um-per-px", type=um_per_px_arg, metavar="X",
                    help="scale of the smears in µm per pixel (default: from the file's OME or TIFF resolution "
                         "metadata, else estimated from the red cells of all smears of a folder (or --source) with "
                         "a warning)")
@@ -41,9 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: one estimate per folder)")
     p.add_argument("--refer-below", type=float, default=DEFAULT_REFER_BELOW, metavar="P",
                    help=f"refer cells whose calibrated top probability is below P (default {DEFAULT_REFER_BELOW})")
-    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE, metavar="N",
+    p.add_argument("--tile-size", type=positive_int, default=DEFAULT_TILE_SIZE, metavar="N",
                    help=f"tile size in pixels for large scans (default {DEFAULT_TILE_SIZE})")
-    p.add_argument("--batch-size", type=int, default=64, help="cells per forward pass (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="cells per forward pass (default 64)")
     p.add_argument("--per-scan", action="store_true",
                    help="one result folder per scan (file) and a run index DIR/index.csv; resumes an interrupted "
                         "batch at the scan and tile where it stopped")
@@ -51,15 +59,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the detector over every tile's whole region instead of around candidate nuclei "
                         "(slower; the same cells)")
     p.add_argument("--no-review", action="store_true", help="do not write review.html")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device(p)
+    add_strict(p)
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.um_per_px is not None:
         check_um_per_px(args.um_per_px, "--um-per-px")
-    bundle = load_bundle(args.model)
+    check_out_dir(args.out)
+    check_model_path(args.model)
+    bundle = load_bundle(args.model, device=args.device)
     engine = ScreenEngine(bundle, refer_below=args.refer_below, tile_size=args.tile_size, um_per_px=args.um_per_px,
-                          batch_size=args.batch_size, progress=not args.quiet, fast=not args.whole_tiles)
+                          batch_size=args.batch_size, progress=progress_on(args), fast=not args.whole_tiles)
     smears = [str(p) for p in iter_image_paths(args.smears, keep_empty_dirs=True)]  # empty folder: reported
     if args.per_scan:
         return _run_per_scan(engine, smears, args)
@@ -67,6 +79,17 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", ScreenWarning)  # the same notes are printed per image below
         result = engine.screen(smears, out_dir=args.out,
                                groups=None if args.source is None else [args.source] * len(smears))
+    failed = [im for im in result.summary["images"] if im["status"] != "ok"]
+    err_file = Path(args.out) / "errors.csv"
+    if failed:
+        atomic_write_csv(pd.DataFrame({"image": [im["image"] for im in failed],
+                                       "error": [im["error"] for im in failed]}), err_file)
+    elif err_file.exists():
+        err_file.unlink()  # a stale list from an earlier run into the same folder
+    if failed and args.strict:
+        for im in failed:
+            print(f"error: {im['error']}", file=sys.stderr)
+        return partial_exit(args, len(failed), len(result.summary["images"]), err_file)  # nothing claimed
     paths = result.write(args.out, bundle=bundle, review=not args.no_review)
     for im in result.summary["images"]:
         if im["status"] != "ok":
@@ -89,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"review, correct and sign off the calls in the browser: leukoscope review {args.out}")
     if ov["images_ok"] == 0:
         print("error: no image could be screened", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return partial_exit(args, len(failed), len(result.summary["images"]), err_file)
 
 
 def _run_per_scan(engine: ScreenEngine, smears: list[str], args: argparse.Namespace) -> int:
@@ -107,4 +130,7 @@ def _run_per_scan(engine: ScreenEngine, smears: list[str], args: argparse.Namesp
     print(f"{ok} of {len(index)} scans screened; index: {args.out}/index.csv")
     if ok:
         print(f"review, correct and sign off a scan's calls in the browser: leukoscope review {args.out}/<folder>")
-    return 0 if ok else 1
+    failed = len(index) - ok
+    if not ok:
+        return EXIT_FAILED
+    return partial_exit(args, failed, len(index), Path(args.out) / "index.csv")

@@ -7,6 +7,7 @@ import argparse
 import pandas as pd
 
 from leukoscope import taxonomy
+from leukoscope.cli._common import check_out_dir, check_out_file, positive_int
 from leukoscope.imaging.scale import LMU_UM_PER_PX
 from leukoscope.synth import write_cells, write_smear
 
@@ -27,16 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "each class and OUT/annotations.dat ('path gold re1 re2'; two simulated examiners "
                     "re-annotate a fraction of the images, 'nan' elsewhere). Readable by "
                     "'leukoscope data summary OUT'.")
-    c.add_argument("--per-class", type=int, required=True, metavar="N", help="images per class")
+    c.add_argument("--per-class", type=positive_int, required=True, metavar="N", help="images per class")
     c.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     c.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0); same seed, same pixels")
-    c.add_argument("--size", type=int, default=400, metavar="PX",
+    c.add_argument("--size", type=positive_int, default=400, metavar="PX",
                    help="image side in px (default 400, the LMU size); the crop always spans 29 µm")
     c.add_argument("--classes", nargs="+", metavar="CLS",
                    help="class codes to draw (default: all 15, e.g. --classes NGS NGB MYO)")
     c.add_argument("--reannotate-fraction", type=float, default=0.1, metavar="F",
                    help="fraction of images the two simulated examiners re-annotate (default 0.1)")
-    c.add_argument("--workers", type=int, default=1, metavar="K", help="processes drawing in parallel (default 1)")
+    c.add_argument("--workers", type=positive_int, default=1, metavar="K", help="processes drawing in parallel (default 1)")
 
     s = sub.add_parser(
         "smear", help="write a smear field image and its leukocyte boxes (<stem>_truth.csv)",
@@ -45,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "leukocytes' bounding boxes and classes to <stem>_truth.csv (x0,y0,x1,y1,cls; px, "
                     "x1/y1 exclusive).")
     s.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png, .tif, .tiff)")
-    s.add_argument("--width", type=int, default=2000, metavar="PX", help="field width in px (default 2000)")
-    s.add_argument("--height", type=int, default=2000, metavar="PX", help="field height in px (default 2000)")
+    s.add_argument("--width", type=positive_int, default=2000, metavar="PX", help="field width in px (default 2000)")
+    s.add_argument("--height", type=positive_int, default=2000, metavar="PX", help="field height in px (default 2000)")
     s.add_argument("--leukocytes", type=int, default=None, metavar="N",
                    help="number of leukocytes (default: one per 3600 µm² of field)")
     s.add_argument("--classes", nargs="+", metavar="CLS",
@@ -59,12 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     classes = tuple(args.classes) if args.classes else taxonomy.CLASSES
     if args.synth_command == "cells":
+        check_out_dir(args.out)
         out = write_cells(args.out, args.per_class, seed=args.seed, size=args.size, classes=classes,
                           reannotate_fraction=args.reannotate_fraction, workers=args.workers)
         n = args.per_class * len(set(classes))
         print(f"wrote {n} synthetic cells ({len(set(classes))} classes x {args.per_class}) "
               f"and {out / 'annotations.dat'}")
         return 0
+    check_out_file(args.out)
     image, truth = write_smear(args.out, args.width, args.height, n_leukocytes=args.leukocytes,
                                seed=args.seed, um_per_px=args.um_per_px, classes=classes)
 

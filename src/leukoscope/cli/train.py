@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from leukoscope.cli._common import add_config_options, add_label_map, config_overrides
+from leukoscope.cli._common import (add_config_options, add_label_map, add_progress, check_out_dir, config_overrides,
+                                    progress_on)
 from leukoscope.data import fold_tables
 from leukoscope.data.readers import read_datasets
 from leukoscope.models.registry import get_config, list_models
@@ -49,7 +50,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "model); any setting below overrides it, and the effective config is saved")
     g.add_argument("--list-models", action="store_true", help="list known models and presets, then exit")
     add_config_options(p, PRESETS)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress(p)
     add_label_map(p)
 
 
@@ -82,6 +83,7 @@ def config_and_data(args: argparse.Namespace):
         return None
     if not args.data or not args.out:
         raise ValueError("give the dataset DATA and --out RUN (or --list-models)")
+    check_out_dir(args.out)
     cfg = config_from_args(args)
     ds = read_datasets(args.data, label_maps=args.label_map)
     sources = sorted(set(ds.table["source"].astype(str))) if "source" in ds.table else []
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"training on {len(table)} images of {args.split} (fold != {args.fold})")
     if args.resume and not (Path(args.out) / "checkpoint.pt").exists() and not (Path(args.out) / "model.safetensors").exists():
         print(f"--resume: {args.out} has no checkpoint yet; starting a new run")
-    res = train(table, args.out, cfg, progress=not args.no_progress, resume=not args.restart,
+    res = train(table, args.out, cfg, progress=progress_on(args), resume=not args.restart,
                 data_fingerprint=ds.fingerprint() if args.split is None else None)
     m = res.metrics
     print(f"{res.bundle_path}: {len(res.meta['classes'])} classes, val balanced accuracy "

@@ -50,12 +50,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from leukoscope import taxonomy
 from leukoscope.imaging.images import IMAGE_SUFFIXES, ImageError, image_size, is_image_file, load_rgb, stored_mode
 from leukoscope.imaging.scale import LMU_FIELD_UM, LMU_UM_PER_PX
 from leukoscope.imaging.scale_policy import check_um_per_px
+from leukoscope.progress import tqdm
 
 ANNOTATIONS_NAME = "annotations.dat"
 MANIFEST_NAMES = ("labels.csv", "manifest.csv")
@@ -136,7 +136,14 @@ def read_label_map(spec: str | os.PathLike | Mapping[str, str] | None) -> dict[s
         if not path.exists():
             raise FileNotFoundError(f"label map {path}: file not found")
         if path.suffix.lower() == ".json":
-            mapping = {str(k): ("" if v is None else str(v)) for k, v in json.loads(path.read_text()).items()}
+            try:
+                obj = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"label map {path}: not valid JSON ({exc})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"label map {path}: expected a JSON object {{\"source label\": \"LMU class\", ...}}, "
+                                 f"got a {type(obj).__name__}")
+            mapping = {str(k): ("" if v is None else str(v)) for k, v in obj.items()}
         else:
             df = pd.read_csv(path, dtype=str, keep_default_na=False)
             if df.shape[1] < 2:

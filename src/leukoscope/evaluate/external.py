@@ -43,7 +43,7 @@ import pandas as pd
 
 from leukoscope.data.splits import stratified_val_split
 from leukoscope.evaluate.metrics import overall_metrics, per_class_fold_metrics
-from leukoscope.evaluate.predictions import predictions_table
+from leukoscope.evaluate.predictions import predictions_table, write_table
 from leukoscope.imaging.scale_policy import ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json
 from leukoscope.models.inference import forward, nonfinite_errors
@@ -103,11 +103,12 @@ def combine_tables(tables: Sequence[pd.DataFrame], group_by: str = "source") -> 
 def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, group_by: str = "source",
                   um_per_px: float | None = None, estimate_scale: str = "group", stain_normalize: bool = False,
                   stain_target: dict | None = None, n_boot: int = 1000, seed: int = 0,
-                  batch_size: int = 64, tta: bool = False) -> EvaluationResult:
+                  batch_size: int = 64, tta: bool = False, progress: bool = False) -> EvaluationResult:
     """Score ``bundle`` on labelled tables, per group (``source`` column or image ``folder``) and per class.
 
     ``tta``: probabilities averaged over the 8 rotations by 90° and mirror images of each cell
-    (the OOD check keeps the plain view's features and confidence, as its reference was fitted)."""
+    (the OOD check keeps the plain view's features and confidence, as its reference was fitted).
+    ``progress``: a progress display over the forward pass (:mod:`leukoscope.progress`)."""
     if um_per_px is not None:
         um_per_px = check_um_per_px(um_per_px, "evaluate_sets(um_per_px=...)")
     if isinstance(tables, pd.DataFrame):
@@ -140,7 +141,7 @@ def evaluate_sets(bundle, tables: Sequence[pd.DataFrame] | pd.DataFrame, *, grou
     known = df["label"].isin(classes).to_numpy()
     x, ok, errors, col = prepare_images(bundle, list(df["path"].astype(str)), df["um_per_px"].tolist(),
                                         stain_target=target, colour=True, colour_on=colour_basis(ref))
-    out = forward(bundle, x, batch_size=batch_size, features=True, tta=tta, precision="fp32")
+    out = forward(bundle, x, batch_size=batch_size, features=True, tta=tta, precision="fp32", progress=progress)
     f = out.features
     plain = out.probabilities(bundle.temperature, tta=False)
     probs = out.probabilities(bundle.temperature)  # the mean over the 8 views with tta
@@ -207,7 +208,7 @@ def write_outputs(result: EvaluationResult, out: str | os.PathLike) -> dict[str,
     return {
         "evaluate.json": atomic_write_json(result.summary(), out / "evaluate.json"),
         "per_class.csv": atomic_write_csv(result.per_class, out / "per_class.csv"),
-        "predictions.csv": atomic_write_csv(result.predictions, out / "predictions.csv"),
+        "predictions.csv": write_table(result.predictions, out / "predictions.csv"),
     }
 
 

@@ -1,4 +1,4 @@
-"""The one writer of a predictions table (``predict``, ``cv``, ``evaluate``).
+"""The one writer of a predictions table (``predict``, ``cv``, ``evaluate``) and its number format.
 
 >>> import numpy as np
 >>> predictions_table(["a.png"], np.array([[0.2, 0.8]]), ["LYT", "MYB"], label=["MYB"]).columns.tolist()
@@ -7,12 +7,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from leukoscope import taxonomy
+from leukoscope.io import atomic_write_csv
+
+#: How every probability table (predictions.csv, cells.csv) writes floats: 6 significant digits.
+FLOAT_FORMAT = "%.6g"
+
+
+def write_table(df: pd.DataFrame, path) -> Path:
+    """Write a probability table atomically with :data:`FLOAT_FORMAT`; returns the path."""
+    return atomic_write_csv(df, path, float_format=FLOAT_FORMAT)
 
 
 def predictions_table(paths: Sequence, probs: np.ndarray, classes: Sequence[str], **extra_columns) -> pd.DataFrame:

@@ -133,13 +133,14 @@ def resolve_image(path: str, run_dir: str | os.PathLike) -> Path | None:
 
 
 def saliency_examples(run_dir: str | os.PathLike, pred_df: pd.DataFrame, per_class: int = 2,
-                      seed: int = 0) -> tuple[list[dict], list[str]]:
+                      seed: int = 0, device: str = "cpu") -> tuple[list[dict], list[str]]:
     """Saliency maps of :func:`select_examples`, each from its own fold model.
 
     Returns ``(examples, notes)``. Each example: ``path, label, pred, fold, correct,
     prob`` (from the predictions table), ``image`` (H, W, 3 float in [0, 1], the model's
     input un-normalised) and ``saliency`` (H, W). ``notes`` say what was skipped and why
-    (fold models absent, unreadable images); nothing is raised for those.
+    (fold models absent, unreadable images); nothing is raised for those. ``device``: where the fold
+    models run.
     """
     run_dir = Path(run_dir)
     notes: list[str] = []
@@ -159,7 +160,7 @@ def saliency_examples(run_dir: str | os.PathLike, pred_df: pd.DataFrame, per_cla
     for fold in folds:
         if int(fold) in missing:
             continue
-        bundle = load_bundle(fold_model_path(run_dir, fold))
+        bundle = load_bundle(fold_model_path(run_dir, fold), device=device)
         classes = list(bundle.classes)
         meta = getattr(bundle, "meta", {}) or {}
         sub = chosen[chosen["fold"] == fold]

@@ -44,6 +44,11 @@ class LogitsAndFeatures(nn.Module):
         return z, feats[0].flatten(1)
 
 
+#: ONNX opsets :func:`export_onnx` accepts: from the first with every operator the models use (13) to the
+#: newest torch's TorchScript exporter writes (20).
+OPSET_RANGE = (13, 20)
+
+
 def onnx_bytes(model: nn.Module, example: torch.Tensor, *, head: nn.Linear | None = None, opset: int = 17) -> bytes:
     """``model`` (eval, CPU, fp32) as an ONNX graph in memory: input ``input`` (normalised float NCHW, any
     batch), output ``logits`` and, with ``head`` (its last Linear layer), ``features``."""
@@ -69,7 +74,12 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, *, head: nn.Linear | Non
 
 def export_onnx(bundle, path: str | os.PathLike, *, opset: int = 17, batch: int = 2, atol: float = 1e-3,
                 seed: int = 0) -> dict:
-    """Write ``path``; verify logits against PyTorch on a random batch; return the check."""
+    """Write ``path``; verify logits against PyTorch on a random batch; return the check.
+
+    ``opset`` must lie in :data:`OPSET_RANGE` (a :class:`ValueError` says so otherwise)."""
+    if not isinstance(opset, int) or not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise ValueError(f"ONNX opset {opset} is not supported: give an opset from {OPSET_RANGE[0]} to "
+                         f"{OPSET_RANGE[1]} (default 17)")
     model = bundle.model.float().eval().to("cpu")
     s = bundle.input_size
     g = torch.Generator().manual_seed(seed)

@@ -32,7 +32,6 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 import torch
-from tqdm.auto import tqdm
 
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.models.export import onnx_bytes
@@ -40,6 +39,7 @@ from leukoscope.models.heads import classifier_layer
 from leukoscope.models.pipeline import dihedral_views, normalize
 from leukoscope.models.precision import DEFAULT_BF16_GUARD, autocast_context, top2_margin
 from leukoscope.models.registry import get_config
+from leukoscope.progress import tqdm
 
 # --------------------------------------------------------------------------- preparing images
 

@@ -26,6 +26,7 @@ from leukoscope.evaluate import calibration, metrics
 from leukoscope.evaluate.agreement import agreement, examiner_points, read_annotations
 from leukoscope.evaluate.saliency import saliency_examples
 from leukoscope.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
+from leukoscope.progress import tqdm
 from leukoscope.report import figures
 from leukoscope.report.html import render_report
 
@@ -157,15 +158,51 @@ def _write_saliency(examples: list[dict], out_dir: Path) -> list[dict]:
     return written
 
 
+def check_predictions_complete(run_dir: str | os.PathLike, pred: pd.DataFrame) -> list[str]:
+    """Refuse a ``predictions.csv`` that is not the whole of its run; return notes for what cannot be checked.
+
+    The run's ``cv_summary.json`` records how many images were predicted (``n``): another row count
+    (a file cut at a line boundary, or edited) raises :class:`ValueError`. Every predicted path must
+    be in the run's ``split.csv`` (matched on :func:`~leukoscope.evaluate.metrics.path_key`), and no more
+    rows than it has."""
+    run_dir = Path(run_dir)
+    file = run_dir / "predictions.csv"
+    notes: list[str] = []
+    summary_file = run_dir / "cv_summary.json"
+    if summary_file.exists():
+        try:
+            n_run = int(json.loads(summary_file.read_text(encoding="utf-8"))["n"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{summary_file}: unreadable ({exc}); rerun 'leukoscope cv' with the same --out") from None
+        if n_run != len(pred):
+            raise ValueError(f"{file} has {len(pred)} rows but the run predicted {n_run} images ({summary_file}): "
+                             "the file is truncated or was edited; rerun 'leukoscope cv' with the same --out "
+                             "to rewrite it (finished folds are kept)")
+    else:
+        notes.append(f"no {summary_file.name} in {run_dir}: the number of predictions could not be checked")
+    split_file = run_dir / "split.csv"
+    if split_file.exists():
+        split = pd.read_csv(split_file, dtype={"path": str}, usecols=["path"])
+        extra = sorted(set(pred["path"].map(metrics.path_key)) - set(split["path"].astype(str).map(metrics.path_key)))
+        if extra or len(pred) > len(split):
+            raise ValueError(f"{file} does not match {split_file}: {len(extra)} predicted images are not in the "
+                             f"split (e.g. {extra[0] if extra else '-'}), {len(pred)} rows for {len(split)} split "
+                             "rows; rerun 'leukoscope cv' with the same --out")
+    return notes
+
+
 def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                 annotations: str | os.PathLike | None = None, saliency_per_class: int = 2,
-                n_boot: int = 1000, seed: int = 0, n_bins: int = 15) -> dict:
+                n_boot: int = 1000, seed: int = 0, n_bins: int = 15, device: str = "cpu",
+                progress: bool = False, banner: str | None = None) -> dict:
     """Evaluate a cross-validation run and write the report files; returns what ``metrics.json`` holds.
 
     ``run_dir`` holds ``predictions.csv`` (``path,label,fold,pred,prob_<CLASS>...``);
     ``out_dir`` defaults to ``RUN/report``. ``annotations``: an LMU ``annotations.dat``
     for the human comparison. ``saliency_per_class=0`` skips saliency maps;
-    ``n_boot=0`` skips bootstrap intervals.
+    ``n_boot=0`` skips bootstrap intervals. ``device``: where the fold models run (saliency maps);
+    ``progress``: a progress display over the report's steps (:mod:`leukoscope.progress`). ``banner``: a
+    line shown first on the page, right under the title (the demo's "these data are synthetic").
     """
     for name, v, least in (("n_boot", n_boot, 0), ("saliency_per_class", saliency_per_class, 0), ("n_bins", n_bins, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
@@ -174,10 +211,11 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     if not run_dir.is_dir():
         raise NotADirectoryError(f"{run_dir}: not a run folder")
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
+    bar = tqdm(total=4, desc="report", unit="step", disable=not progress)
     pred = metrics.read_predictions(run_dir / "predictions.csv")
+    notes: list[str] = check_predictions_complete(run_dir, pred)
     model_classes = metrics.model_classes(pred)
     classes = metrics.report_classes(pred, model_classes)
-    notes: list[str] = []
     only_gold = [c for c in classes if c not in model_classes]
     if only_gold:
         notes.append(f"gold labels the model cannot predict (not among its classes): {', '.join(only_gold)}")
@@ -187,14 +225,17 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
 
     fold_metrics = metrics.per_class_fold_metrics(pred, classes)
     t1 = metrics.table1(pred, classes, fold_metrics)
+    bar.update(1)
     overall = metrics.overall_metrics(pred, classes, n_boot=n_boot, seed=seed)
+    bar.update(1)
     conf = metrics.confusion_fractions(pred, classes)
     cal = calibration.calibration_of_predictions(pred, n_bins=n_bins)
     binary = binary_mod.binary_questions(pred, model_classes)
     human = human_comparison(pred, annotations) if annotations else None
     config, fingerprint = read_run_config(run_dir)
 
-    examples, sal_notes = saliency_examples(run_dir, pred, per_class=saliency_per_class, seed=seed)
+    examples, sal_notes = saliency_examples(run_dir, pred, per_class=saliency_per_class, seed=seed, device=device)
+    bar.update(1)
 
     # ---- figures
     pngs = {
@@ -227,6 +268,7 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
     result = {
         "leukoscope_version": __version__,
         "intended_use": INTENDED_USE,
+        "banner": banner,
         "run": {"dir": str(run_dir), "predictions": str(run_dir / "predictions.csv"), "n_images": int(len(pred)),
                 "folds": sorted(int(f) for f in pred["fold"].unique()), "model_classes": model_classes,
                 "classes": classes, "data_fingerprint": fingerprint, "config": config},
@@ -259,5 +301,7 @@ def make_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = 
         "fingerprint_json": (json.dumps(clean_json(fingerprint), indent=2)
                              if fingerprint is not None and not isinstance(fingerprint, str) else fingerprint),
     }
+    bar.update(1)
+    bar.close()
     atomic_write_text(render_report(context), out_dir / "report.html")
     return result

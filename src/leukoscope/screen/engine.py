@@ -48,15 +48,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
+from leukoscope.evaluate.predictions import write_table
 from leukoscope.imaging.scale_policy import FieldScale, ScalePolicy, check_um_per_px
 from leukoscope.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from leukoscope.models.inference import finite_rows, forward
 from leukoscope.models.ood import (COLOUR_ON_INPUT, NO_REFERENCE_NOTE, REFERENCE_KEY, colour_basis, colour_features,
                                    ood_summary, reference_threshold, score_cells)
+from leukoscope.progress import tqdm
 from leukoscope.screen.count import UNIDENTIFIED, count_summary
 from leukoscope.screen.crops import (MAX_PADDING_FRACTION, background_colour, model_crops, model_fov_um,
                                      padding_fractions, write_native_crops)
@@ -127,7 +128,7 @@ class ScreenResult:
         """Write ``cells.csv``, ``summary.json`` and (with the bundle) ``review.html`` atomically."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"cells": atomic_write_csv(self.cells, out / "cells.csv"),
+        paths = {"cells": write_table(self.cells, out / "cells.csv"),
                  "summary": atomic_write_json(self.summary, out / "summary.json")}
         if review:
             paths["review"] = write_review(self, out / "review.html", bundle=bundle, **review_kwargs)

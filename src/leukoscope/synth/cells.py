@@ -34,11 +34,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import tifffile
-from tqdm import tqdm
 
 from leukoscope import taxonomy
 from leukoscope.imaging.scale import LMU_UM_PER_PX
 from leukoscope.io import atomic_path, atomic_write_csv, atomic_write_text
+from leukoscope.progress import tqdm
 from leukoscope.synth import _draw as D
 from leukoscope.synth.field import Look, render_field, sample_look
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from leukoscope.imaging.images import ImageError, load_rgb
 from leukoscope.models.pipeline import prepare_image
+from leukoscope.progress import tqdm
 
 
 @dataclass

@@ -34,8 +34,8 @@ from leukoscope import taxonomy
 from leukoscope.data import splits
 from leukoscope.data.splits import aligned_split, make_split, read_split, write_split
 from leukoscope.evaluate.metrics import classification_metrics
-from leukoscope.evaluate.predictions import predictions_table
-from leukoscope.io import atomic_write_csv, atomic_write_json
+from leukoscope.evaluate.predictions import predictions_table, write_table
+from leukoscope.io import atomic_write_json
 from leukoscope.models.bundle import load_bundle
 from leukoscope.train.cache import build_cache
 from leukoscope.train.checkpoint import RunMismatchError, check_same_data, holds_run_lock
@@ -177,7 +177,7 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
                                               batch_size=max(64, cfg.batch_size))
         df = predictions_table(test["path"].tolist(), probs, bundle.classes, label=test["label"].to_numpy(),
                                fold=test["fold"].to_numpy(dtype=int))
-        atomic_write_csv(df, pred_file)
+        write_table(df, pred_file)
         acc = (df["pred"] == df["label"]).mean() if len(df) else float("nan")
         log(f"fold {k}: {len(df)} test images, accuracy {acc:.4f} ({time.time() - t0:.0f}s)")
         fold_tables.append(df)
@@ -191,7 +191,7 @@ def cross_validate(data, out: str | os.PathLike, config: TrainConfig | None = No
         raise RuntimeError(f"an image was predicted by more than one fold: {preds.loc[preds['path'].duplicated(), 'path'].iloc[0]}")
     order = {p: i for i, p in enumerate(sp["path"])}
     preds = preds.iloc[np.argsort([order.get(p, len(order)) for p in preds["path"]], kind="stable")].reset_index(drop=True)
-    atomic_write_csv(preds, out / "predictions.csv")
+    write_table(preds, out / "predictions.csv")
     summary = summarize(preds)
     summary.update({"wall_seconds_this_call": time.time() - t_start, "folds": len(fold_ids),
                     "skipped": list(cache.errors) if cache is not None else []})

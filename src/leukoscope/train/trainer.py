@@ -65,7 +65,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from leukoscope.data.splits import stratified_val_split
 from leukoscope.evaluate.calibration import fit_temperature
@@ -79,6 +78,7 @@ from leukoscope.models.pipeline import normalize
 from leukoscope.models.precision import autocast_context
 from leukoscope.models.pretrained import weights_record
 from leukoscope.models.registry import create_model, get_config
+from leukoscope.progress import tqdm
 from leukoscope.train import bf16 as precision
 from leukoscope.train.augment import augment_batch
 from leukoscope.train.balance import balanced_epoch, shard
