@@ -209,8 +209,9 @@ def test_cli_screen_with_a_real_bundle(smear_tif, tmp_path, capsys):
     assert html.count("data:image/png;base64,") >= len(truth)
     err = capsys.readouterr().err
     assert "bad.tif" in err
-    rc = main(["screen", str(bundle), str(good), "--out", str(out), "--um-per-px", "50"])
-    assert rc == 2 and "plausible range" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a usage error: argparse's exit, the subcommand's usage printed
+        main(["screen", str(bundle), str(good), "--out", str(out), "--um-per-px", "50"])
+    assert exc.value.code == 2 and "plausible range" in capsys.readouterr().err
 
 
 def test_review_saliency_explains_the_input_a_white_balancing_bundle_classified(tmp_path, monkeypatch):

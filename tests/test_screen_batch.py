@@ -102,7 +102,7 @@ def test_cli_screen_per_scan_writes_a_folder_per_scan_and_the_index(three_scans,
     from leukoscope.cli import screen as screen_cli
     from leukoscope.cli.main import main
 
-    monkeypatch.setattr(screen_cli, "load_bundle", lambda path: ScriptedBundle())
+    monkeypatch.setattr(screen_cli, "load_bundle", lambda path, **kw: ScriptedBundle())
     out = tmp_path / "out"
     rc = main(["screen", "model.safetensors", str(three_scans[0].parent), "--out", str(out), "--per-scan", "--quiet",
                "--no-review"])

@@ -276,8 +276,11 @@ def test_out_of_range_settings_are_refused_before_any_work(setting, value, patte
 
 def test_cli_refuses_out_of_range_settings_before_reading_data(tmp_path, capsys):
     for opts, word in ((["--epochs", "0"], "epochs"), (["--input-size", "1"], "input_size"),
-                       (["--val-fraction", "2.5"], "val_fraction"), (["--batch-size", "0"], "batch_size")):
-        rc = main(["train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "o")] + opts)
+                       (["--val-fraction", "2.5"], "val_fraction"), (["--batch-size", "0"], "batch-size")):
+        try:  # range checks in TrainConfig (exit 2) or at parse time (argparse: SystemExit 2, with the usage)
+            rc = main(["train", str(tmp_path / "no-such-data"), "--out", str(tmp_path / "o")] + opts)
+        except SystemExit as exc:
+            rc = exc.code
         err = capsys.readouterr().err
         assert rc == 2 and word in err and "no-such-data" not in err, (opts, err)
     assert not (tmp_path / "o").exists()
@@ -293,8 +296,9 @@ def test_a_single_class_is_refused(cells, tmp_path):
 def test_report_refuses_a_negative_bootstrap(tmp_path, capsys):
     with pytest.raises(ValueError, match="n_boot must be"):
         make_report(tmp_path, n_boot=-5)
-    rc = main(["report", str(tmp_path), "--bootstrap", "-5"])
-    assert rc == 2 and "bootstrap" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # refused when the command line is parsed
+        main(["report", str(tmp_path), "--bootstrap", "-5"])
+    assert exc.value.code == 2 and "bootstrap" in capsys.readouterr().err
 
 
 def _png_header_only(path: Path, w: int, h: int) -> Path:
