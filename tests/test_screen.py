@@ -117,6 +117,22 @@ def test_cell_on_a_tile_edge_is_counted_once(tmp_path, monkeypatch):
     assert len(straddler) >= 1
 
 
+def test_detection_threads_find_the_same_cells_in_the_same_order(smear_tif, tmp_path, monkeypatch):
+    """Tiles read and analysed by 1 or 3 threads at once: the same cells, rows, checkpoint and crops."""
+    path, truth = smear_tif
+    monkeypatch.setattr(tiles_mod, "WHOLE_READ_PIXELS", 1000)  # tiled reads: many tiles
+    runs = {}
+    for n in (1, 3):
+        out = tmp_path / f"w{n}"
+        res = ScreenEngine(ScriptedBundle(), tile_size=256, progress=False, workers=n).screen([path], out_dir=out)
+        assert res.summary["images"][0]["tiles"] > 4
+        runs[n] = (res.cells, sorted(p.name for p in (out / "crops").rglob("*.png")))
+    pd.testing.assert_frame_equal(runs[1][0], runs[3][0])
+    assert runs[1][1] == runs[3][1] and len(runs[1][1]) == len(runs[1][0]) >= len(truth) - 1
+    with pytest.raises(ValueError, match="workers"):
+        ScreenEngine(ScriptedBundle(), workers=0)
+
+
 def test_interrupted_screen_resumes_from_checkpoint(smear_tif, tmp_path, monkeypatch):
     path, truth = smear_tif
     monkeypatch.setattr(tiles_mod, "WHOLE_READ_PIXELS", 1000)

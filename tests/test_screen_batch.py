@@ -42,7 +42,8 @@ class CountingEngine(ScreenEngine):
 def test_interrupted_batch_resumes_at_the_scan_and_tile_where_it_stopped(three_scans, tmp_path, monkeypatch):
     monkeypatch.setattr(tiles_mod, "WHOLE_READ_PIXELS", 1000)  # tiled reads: several tiles per scan
     out = tmp_path / "out"
-    kw = dict(tile_size=256, progress=False, batch_size=1)  # batch 1: every tile is checkpointed at once
+    # batch 1: every tile is checkpointed at once; one detection thread: no tile after the interrupted one starts
+    kw = dict(tile_size=256, progress=False, batch_size=1, workers=1)
     first = CountingEngine(ScriptedBundle(), stop_at="scan1.tif", **kw)
     with pytest.raises(KeyboardInterrupt):
         screen_batch(first, three_scans, out, review=False)

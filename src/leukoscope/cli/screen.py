@@ -16,7 +16,8 @@ from leukoscope.io import atomic_write_csv
 from leukoscope.models.bundle import load_bundle
 from leukoscope.screen.batch import screen_batch
 from leukoscope.screen.detect import check_um_per_px
-from leukoscope.screen.engine import DEFAULT_REFER_BELOW, DEFAULT_TILE_SIZE, ScreenEngine, ScreenWarning
+from leukoscope.screen.engine import (DEFAULT_DETECT_WORKERS, DEFAULT_REFER_BELOW, DEFAULT_TILE_SIZE, ScreenEngine,
+                                      ScreenWarning)
 
 NAME = "screen"
 HELP = "find, crop and classify the leukocytes of smear images; differential count, blast %, review page"
@@ -55,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-scan", action="store_true",
                    help="one result folder per scan (file) and a run index DIR/index.csv; resumes an interrupted "
                         "batch at the scan and tile where it stopped")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help=f"threads that read and analyse tiles at once (default {DEFAULT_DETECT_WORKERS}: the cores, "
+                        "at most 2); the cells found do not depend on it")
     p.add_argument("--whole-tiles", action="store_true",
                    help="run the detector over every tile's whole region instead of around candidate nuclei "
                         "(slower; the same cells)")
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_path(args.model)
     bundle = load_bundle(args.model, device=args.device)
     engine = ScreenEngine(bundle, refer_below=args.refer_below, tile_size=args.tile_size, um_per_px=args.um_per_px,
-                          batch_size=args.batch_size, progress=progress_on(args), fast=not args.whole_tiles)
+                          batch_size=args.batch_size, progress=progress_on(args), fast=not args.whole_tiles,
+                          workers=args.workers)
     smears = [str(p) for p in iter_image_paths(args.smears, keep_empty_dirs=True)]  # empty folder: reported
     if args.per_scan:
         return _run_per_scan(engine, smears, args)

@@ -12,12 +12,12 @@ runs each smear through
 and then refers low-confidence cells, cells whose model input is mostly outside the field, and
 cells that look unlike the training data (the bundle's out-of-distribution reference:
 ``ood_score``/``ood_flag``, summed up per field and per run under ``ood`` in the summary), to an
-``unidentified`` group and counts. A reader thread
-decodes the next tile while one is analysed; detection looks for candidate nuclei at reduced
-resolution and runs the detector only around those whose cell the tile owns
-(:func:`leukoscope.screen.detect.detect_leukocytes_fast`; ``fast=False``: over every tile's
-whole region); cells are classified in batches across tiles and images. Memory holds two tile
-regions and one batch of crops, whatever the scan's size.
+``unidentified`` group and counts. ``workers`` threads read and analyse tiles at once while the
+calling thread writes crops, classifies and checkpoints them in order; detection looks for
+candidate nuclei at reduced resolution and runs the detector only around those whose cell the
+tile owns (:func:`leukoscope.screen.detect.detect_leukocytes_fast`; ``fast=False``: over every
+tile's whole region); cells are classified in batches across tiles and images. Memory holds
+``workers`` + 1 tile regions and one batch of crops, whatever the scan's size.
 :meth:`ScreenResult.write` writes ``cells.csv``, ``summary.json`` and ``review.html``
 atomically. Every image is screened on its own: a file that cannot be read, a field
 without leukocytes or an absurd scale ends as a clear error or an empty result in
@@ -40,7 +40,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,9 +80,11 @@ REFER_LOW_CONFIDENCE = "low confidence"
 REFER_OOD = "out of distribution"
 #: Default tile (core) size in pixels for reading large scans.
 DEFAULT_TILE_SIZE = 2048
+#: Threads that read and analyse tiles at once (the machine's cores, at most 2: a third gains little because
+#: classification and crop writing run beside them in the calling thread).
+DEFAULT_DETECT_WORKERS = max(1, min(2, os.cpu_count() or 1))
 CHECKPOINT_FORMAT = "leukoscope-screen-checkpoint/1"
-#: Why a cell was referred (``refer_reason`` in cells.csv).
-REFER_LOW_CONFIDENCE = "low confidence"
+#: ``refer_reason`` of cells whose model input is mostly padding (outside the field).
 REFER_OUTSIDE = "mostly outside the field"
 
 
@@ -159,12 +163,13 @@ class ScreenEngine:
     :func:`leukoscope.screen.detect.detect_leukocytes_fast` (candidates at reduced resolution, the
     detector run only around them and only for cells a tile owns) instead of running
     :func:`~leukoscope.screen.detect.detect_leukocytes` over every tile's whole read region; the same
-    settings, the same cells.
+    settings, the same cells. ``workers``: threads that read and detect tiles at once (default
+    :data:`DEFAULT_DETECT_WORKERS`); the cells and their order do not depend on it.
     """
 
     def __init__(self, bundle, refer_below: float = DEFAULT_REFER_BELOW, tile_size: int = DEFAULT_TILE_SIZE,
                  um_per_px: float | None = None, params: DetectParams | None = None, batch_size: int = 64,
-                 progress: bool = True, fast: bool = True):
+                 progress: bool = True, fast: bool = True, workers: int | None = None):
         if not (0.0 <= float(refer_below) <= 1.0):
             raise ValueError(f"refer_below must be a probability in [0, 1], got {refer_below}")
         if int(tile_size) < 256:
@@ -177,6 +182,9 @@ class ScreenEngine:
         self.batch_size = int(batch_size)
         self.progress = progress
         self.fast = bool(fast)
+        self.workers = DEFAULT_DETECT_WORKERS if workers is None else int(workers)
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.meta = dict(bundle.meta)
         self.classes = tuple(bundle.classes)
         for c in self.classes:
@@ -306,15 +314,34 @@ class ScreenEngine:
         bar = None
         if self.progress and len(tiles) > 1:
             bar = tqdm(desc=Path(smear.path).name, unit="tile", initial=st.res.tiles_resumed, total=len(tiles))
-        # a reader thread decodes the next tile while this one is analysed (the decoders release the GIL);
-        # two regions at most are held at a time, whatever the scan's size
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="leukoscope-read") as reader:
-            pending = reader.submit(smear.read, *todo[0].read) if todo else None
-            for k, tile in enumerate(todo):
-                region = pending.result()
-                pending = reader.submit(smear.read, *todo[k + 1].read) if k + 1 < len(todo) else None
-                det, crops = self.detect_tile(smear, tile, um, cal, region=region, background=background)
-                del region
+        # ``workers`` threads each read and analyse a tile (the decoders and most of numpy / scikit-image
+        # release the GIL) while this thread writes crops, classifies and checkpoints the tiles in order;
+        # at most workers + 1 tile regions are held at a time, whatever the scan's size
+        stop = threading.Event()
+
+        def read_and_detect(tile: Tile):
+            if stop.is_set():  # an earlier tile failed or the run was interrupted: start nothing new
+                return None
+            try:
+                return self.detect_tile(smear, tile, um, cal, region=smear.read(*tile.read), background=background)
+            except BaseException:
+                stop.set()
+                raise
+
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="leukoscope-detect")
+        inflight: deque = deque()
+        try:
+            tiles_iter = iter(todo)
+            for tile in tiles_iter:
+                inflight.append((tile, pool.submit(read_and_detect, tile)))
+                if len(inflight) > self.workers:
+                    break
+            while inflight:
+                tile, fut = inflight.popleft()
+                det, crops = fut.result()
+                nxt = next(tiles_iter, None)
+                if nxt is not None:
+                    inflight.append((nxt, pool.submit(read_and_detect, nxt)))
                 if not det.empty and st.out_dir is not None:
                     det["crop_native"] = write_native_crops(smear.read, smear.shape,
                                                             det[["x0", "y0", "x1", "y1"]].to_numpy(),
@@ -325,6 +352,13 @@ class ScreenEngine:
                     queue.add(st, tile.index, det, crops)
                 if bar is not None:
                     bar.update(1)
+        except BaseException:
+            stop.set()
+            for _, fut in inflight:
+                fut.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True)
         if bar is not None:
             bar.close()
 
