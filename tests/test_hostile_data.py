@@ -189,6 +189,21 @@ def test_12_bit_data_in_16_bit_tiff_uses_the_stated_bit_depth(tmp_path):
         assert img.max() == 255 and np.array_equal(img, expected), name
 
 
+def test_12_bit_scan_read_tile_by_tile_uses_the_stated_bit_depth(tmp_path, monkeypatch):
+    """A whole-slide scan (read by screen through zarr, tile by tile) with 12-bit samples: as the loader."""
+    from leukoscope.screen import tiles as tiles_mod
+
+    data = np.linspace(0, 4095, 256 * 256 * 3).reshape(256, 256, 3).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "scan.tiff", data, bitspersample=12, tile=(64, 64), photometric="rgb")
+    monkeypatch.setattr(tiles_mod, "WHOLE_READ_PIXELS", 1000)  # the tiled reader, not the whole-image one
+    smear = tiles_mod.open_smear(tmp_path / "scan.tiff")
+    assert smear.tiled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stated depth: no dark-image warning
+        region = smear.read(0, 0, 256, 256)
+    assert np.array_equal(region, (data / 4095 * 255 + 0.5).astype(np.uint8))
+
+
 def test_16_bit_tiff_without_a_bit_depth_warns_when_it_is_dark(tmp_path):
     tifffile.imwrite(tmp_path / "dark.tiff", _ramp16(4095))
     with pytest.warns(RuntimeWarning, match=r"dark.tiff: 16-bit image uses only values up to 4095 \(6.2% of"):

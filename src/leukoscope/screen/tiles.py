@@ -32,7 +32,8 @@ import tifffile
 import zarr
 from PIL import Image
 
-from leukoscope.imaging.images import MAX_FIELD_PIXELS, ImageError, load_rgb, to_rgb
+from leukoscope.imaging.images import (MAX_FIELD_PIXELS, ImageError, file_to_uint8, load_rgb, stated_sample_range,
+                                       to_rgb)
 
 #: Files larger than this (pixels) are never decoded whole, even when they could be.
 WHOLE_READ_PIXELS = 64_000_000
@@ -236,6 +237,7 @@ def _open_tiff(path: Path, max_whole_pixels: int) -> Smear:
             raise ImageError(path, "TIFF has no image pages")
         series = tif.series[0]
         shape, axes = tuple(series.shape), series.axes
+        lo, hi = stated_sample_range(tif.pages[0])  # 12-bit data in 16-bit samples: scaled by 4095, not 65535
     um, code, src = ome_um_per_px(path), "ome", "file metadata (OME PhysicalSizeX)"
     if um is None:
         um, code, src = tiff_um_per_px(path), "tiff_tag", "file metadata (TIFF resolution)"
@@ -257,6 +259,8 @@ def _open_tiff(path: Path, max_whole_pixels: int) -> Smear:
             region = np.asarray(arr[y0:y1, x0:x1])
         else:
             region = np.asarray(arr[y0:y1, x0:x1, :])
+        if region.dtype != np.uint8:  # the file's stated sample range, as the single-cell loader uses it
+            region = file_to_uint8(region, path, lo, hi)
         return to_rgb(region, path=path)
 
     return Smear(path, (h, w), um, src, reader, closer=store.close, tiled=True, um_code=code)
