@@ -36,26 +36,24 @@ EXIT_IO = 4
 EXIT_INTERNAL = 70
 
 
-def positive_int(v: str) -> int:
-    """argparse type: an integer of 1 or more."""
+def _int_at_least(v: str, low: int) -> int:
     try:
         n = int(v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+        raise argparse.ArgumentTypeError(f"expected a whole number of {low} or more, got {v!r}") from None
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be {low} or more, got {n}")
     return n
+
+
+def positive_int(v: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    return _int_at_least(v, 1)
 
 
 def nonneg_int(v: str) -> int:
     """argparse type: an integer of 0 or more."""
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {v!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
-    return n
+    return _int_at_least(v, 0)
 
 
 def add_progress(p: argparse.ArgumentParser) -> None:
