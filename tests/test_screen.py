@@ -133,6 +133,19 @@ def test_detection_threads_find_the_same_cells_in_the_same_order(smear_tif, tmp_
         ScreenEngine(ScriptedBundle(), workers=0)
 
 
+def test_native_crops_of_cross_tile_duplicates_are_removed(smear_tif, tmp_path, monkeypatch):
+    """Cells seen by two tiles and dropped as duplicates leave no orphan crop in DIR/crops."""
+    path, truth = smear_tif
+    monkeypatch.setattr(tiles_mod, "WHOLE_READ_PIXELS", 1000)
+    monkeypatch.setattr(tiles_mod.Tile, "owns", lambda self, cx, cy: True)  # every tile keeps all it reads
+    out = tmp_path / "o"
+    res = ScreenEngine(ScriptedBundle(), tile_size=256, progress=False, fast=False, workers=1).screen(
+        [path], out_dir=out)
+    assert res.summary["images"][0]["duplicates_removed"] > 0
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "crops").rglob("*.png")}
+    assert on_disk == set(res.cells["crop_native"]) and len(on_disk) == len(res.cells)
+
+
 def test_interrupted_screen_resumes_from_checkpoint(smear_tif, tmp_path, monkeypatch):
     path, truth = smear_tif
     monkeypatch.setattr(tiles_mod, "WHOLE_READ_PIXELS", 1000)

@@ -418,7 +418,13 @@ class ScreenEngine:
         if res.status == "ok":
             frames = [f for _, f in sorted(st.frames.items()) if not f.empty]
             cells = pd.concat(frames, ignore_index=True) if frames else self._empty_cells()
-            cells, res.duplicates_removed = dedupe_across_tiles(cells)
+            kept, res.duplicates_removed = dedupe_across_tiles(cells)
+            if res.duplicates_removed and st.out_dir is not None and "crop_native" in cells:
+                # the native crops of the dropped duplicates: no row points to them any more
+                for rel in set(cells["crop_native"].dropna()) - set(kept["crop_native"].dropna()):
+                    if rel:
+                        (st.out_dir / rel).unlink(missing_ok=True)
+            cells = kept
             cells.insert(0, "image", res.image)
             cells["scale_source"] = res.scale_source
             res.cells = cells.sort_values(["y0", "x0"], kind="stable").reset_index(drop=True)
