@@ -132,6 +132,11 @@ def job_order(args, names: list[str], has_pbc: bool) -> list[tuple]:
     (``--curve-variants`` on ``--curve-labs``)."""
     first = [n for n in ("pbc", "jiangxi") if n in names]
     labs = first + [n for n in names if n not in first]
+    if args.only_labs:  # the jobs of these labs only (every lab still trains the others' LOLO models)
+        unknown = sorted(set(args.only_labs) - set(names))
+        if unknown:
+            raise SystemExit(f"--only-labs: no lab named {', '.join(unknown)} (labs: {', '.join(names)})")
+        labs = [n for n in labs if n in args.only_labs]
     jobs = []
     for v in args.variants:
         for lab in labs:
@@ -307,6 +312,8 @@ def main(argv=None):
     p.add_argument("--lab", action="append", default=[], metavar="NAME=PATH[:PREFIX]")
     p.add_argument("--variants", nargs="+", default=["S", "P"], choices=["S", "P"])
     p.add_argument("--ks", nargs="+", type=int, default=[10])
+    p.add_argument("--only-labs", nargs="+", metavar="LAB",
+                   help="run only the jobs of these labs (LOLO, adaptation, curve); the others still train them")
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--curve-variants", nargs="*", default=[], choices=["S", "P"],
                    help="variants whose full adaptation curve runs last")
