@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from leukoscope import progress as progress_mod
-from leukoscope import taxonomy
 from leukoscope.cli import main as main_mod
 from leukoscope.cli._common import EXIT_FAILED, EXIT_IO, EXIT_USAGE
 from leukoscope.cli.main import build_parser, main

@@ -55,7 +55,7 @@ from leukoscope import INTENDED_USE, taxonomy
 from leukoscope.imaging.images import ImageError
 from leukoscope.evaluate.predictions import write_table
 from leukoscope.imaging.scale_policy import FieldScale, ScalePolicy, check_um_per_px
-from leukoscope.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from leukoscope.io import atomic_write_json, atomic_write_text
 from leukoscope.models.inference import finite_rows, forward
 from leukoscope.models.ood import (COLOUR_ON_INPUT, NO_REFERENCE_NOTE, REFERENCE_KEY, colour_basis, colour_features,
                                    ood_summary, reference_threshold, score_cells)
