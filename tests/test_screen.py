@@ -129,6 +129,18 @@ def test_detection_threads_find_the_same_cells_in_the_same_order(smear_tif, tmp_
         runs[n] = (res.cells, sorted(p.name for p in (out / "crops").rglob("*.png")))
     pd.testing.assert_frame_equal(runs[1][0], runs[3][0])
     assert runs[1][1] == runs[3][1] and len(runs[1][1]) == len(runs[1][0]) >= len(truth) - 1
+    # each stored crop is the cell at native resolution, as cut from the whole smear (tile-edge cells included)
+    from PIL import Image
+
+    from leukoscope.screen.crops import background_colour, native_crop
+    from leukoscope.screen.tiles import open_smear
+
+    whole = open_smear(path, max_whole_pixels=10**9)
+    bg = background_colour(whole.sample())
+    for row in runs[3][0].itertuples():
+        want = native_crop(whole.read, whole.shape, (row.x0, row.y0, row.x1, row.y1), whole.um_per_px, bg)
+        got = np.asarray(Image.open(tmp_path / "w3" / row.crop_native).convert("RGB"))
+        np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="workers"):
         ScreenEngine(ScriptedBundle(), workers=0)
 

@@ -323,7 +323,13 @@ class ScreenEngine:
             if stop.is_set():  # an earlier tile failed or the run was interrupted: start nothing new
                 return None
             try:
-                return self.detect_tile(smear, tile, um, cal, region=smear.read(*tile.read), background=background)
+                region = smear.read(*tile.read)
+                det, crops = self.detect_tile(smear, tile, um, cal, region=region, background=background)
+                if not det.empty and st.out_dir is not None:  # cut from the region in memory: no second decode
+                    det["crop_native"] = write_native_crops(_region_reader(smear, tile.read, region), smear.shape,
+                                                            det[["x0", "y0", "x1", "y1"]].to_numpy(),
+                                                            um, background, st.out_dir, st.crops_sub)
+                return det, crops
             except BaseException:
                 stop.set()
                 raise
@@ -342,10 +348,6 @@ class ScreenEngine:
                 nxt = next(tiles_iter, None)
                 if nxt is not None:
                     inflight.append((nxt, pool.submit(read_and_detect, nxt)))
-                if not det.empty and st.out_dir is not None:
-                    det["crop_native"] = write_native_crops(smear.read, smear.shape,
-                                                            det[["x0", "y0", "x1", "y1"]].to_numpy(),
-                                                            um, background, st.out_dir, st.crops_sub)
                 if det.empty:
                     st.tile_done(tile.index, self._empty_cells())
                 else:
@@ -573,6 +575,18 @@ class _ClassifyQueue:
 
 def _label(source) -> str:
     return str(source) if not isinstance(source, np.ndarray) else "<array>"
+
+
+def _region_reader(smear: Smear, read_box: tuple[int, int, int, int], region: np.ndarray):
+    """``read(y0, x0, y1, x1)`` served from a tile's read ``region`` where it lies inside, else from the smear."""
+    ry0, rx0, ry1, rx1 = read_box
+
+    def read(y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        if ry0 <= y0 and rx0 <= x0 and y1 <= ry1 and x1 <= rx1:
+            return region[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+        return smear.read(y0, x0, y1, x1)
+
+    return read
 
 
 def dedupe_across_tiles(cells: pd.DataFrame, iou: float = 0.5) -> tuple[pd.DataFrame, int]:
